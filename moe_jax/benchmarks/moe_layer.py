@@ -1,0 +1,185 @@
+"""Benchmark: jitted forward+backward of the MoE layer vs a dense MLP.
+
+    python -m moe_jax.benchmarks.moe_layer --json [--dense] [--dropless] \
+        [--experts 8 --top_k 2 --d_model 512 --d_ff 2048 --tokens 8192 \
+         --seq 512 --capacity_factor 1.25 --mesh data=1,expert=8 \
+         --dtype float32 --steps 5 --compare]
+
+Prints one JSON line per configuration with ``median_step_s``,
+``tokens_per_s``, ``compile_s``, ``temp_bytes``, ``argument_bytes``
+(``memory_analysis()``), ``flops_per_device`` (``cost_analysis()``),
+``all_to_all`` (count in the compiled HLO) and ``assignments_dropped``.
+``--dense`` runs one dense MLP with ``d_ff * top_k`` hidden units (the same
+active FLOPs per token). ``--compare`` runs dense, capacity MoE and dropless
+MoE in one process, interleaving their timed steps, and adds the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _parse(argv):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--json", action="store_true", help="print JSON lines only")
+  p.add_argument("--experts", type=int, default=8)
+  p.add_argument("--top_k", type=int, default=2)
+  p.add_argument("--d_model", type=int, default=512)
+  p.add_argument("--d_ff", type=int, default=2048)
+  p.add_argument("--tokens", type=int, default=8192)
+  p.add_argument("--seq", type=int, default=512)
+  p.add_argument("--capacity_factor", type=float, default=1.25)
+  p.add_argument("--group_size", type=int, default=512)
+  p.add_argument("--router", default="tokens_choose",
+                 choices=["tokens_choose", "experts_choose"])
+  p.add_argument("--activations", default="gelu,linear",
+                 help="comma list: 'gelu,linear' (T5 v1.1 gated) or 'relu'")
+  p.add_argument("--mesh", default="data=1,expert=8")
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--devices", type=int, default=8,
+                 help="CPU devices to emulate (ignored on GPU/TPU)")
+  p.add_argument("--dense", action="store_true")
+  p.add_argument("--dropless", action="store_true")
+  p.add_argument("--compare", action="store_true",
+                 help="dense, MoE and dropless MoE interleaved in one run")
+  return p.parse_args(argv)
+
+
+def _dense_mlp_cls():
+  """The dense baseline: one MLP, weights sharded like the model's MLPs."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from moe_jax.layers import experts as experts_lib  # pylint: disable=g-import-not-at-top
+
+  class DenseMlp(nn.Module):
+    d_ff: int
+    activations: tuple = ("gelu", "linear")
+    dtype: object = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, deterministic=True):
+      d = x.shape[-1]
+      init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+      x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+      pre = []
+      for i, _ in enumerate(self.activations):
+        w = self.param(f"wi_{i}", nn.with_logical_partitioning(init, ("embed", "mlp")),
+                       (d, self.d_ff))
+        pre.append(jnp.einsum("bld,df->blf", x, w.astype(self.dtype)))
+      h = experts_lib.hidden_activation(pre, self.activations)
+      h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+      wo = self.param("wo", nn.with_logical_partitioning(init, ("mlp", "embed")),
+                      (self.d_ff, d))
+      return jnp.einsum("blf,fd->bld", h, wo.astype(self.dtype))
+
+  return DenseMlp
+
+
+def main(argv=None):
+  args = _parse(argv if argv is not None else sys.argv[1:])
+  if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={args.devices}")
+  # Imports after XLA_FLAGS so the CPU device count takes effect.
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from moe_jax import partitioning  # pylint: disable=g-import-not-at-top
+  from moe_jax.layers.moe import MoeConfig, MoeLayer  # pylint: disable=g-import-not-at-top
+
+  dtype = jnp.dtype(args.dtype)
+  acts = tuple(a for a in args.activations.split(",") if a)
+  mesh = partitioning.make_mesh(partitioning.parse_mesh_spec(args.mesh))
+  rules = partitioning.standard_logical_rules()
+  batch = args.tokens // args.seq
+  x = jax.random.normal(jax.random.key(0), (batch, args.seq, args.d_model), dtype)
+  x_sharding = partitioning.logical_sharding(mesh, ("batch", "length", "embed"), rules)
+
+  def build(kind):
+    if kind == "dense":
+      return _dense_mlp_cls()(d_ff=args.d_ff * args.top_k, activations=acts,
+                              dtype=dtype)
+    cfg = MoeConfig(num_experts=args.experts, num_selected_experts=args.top_k,
+                    d_ff=args.d_ff, router_type=args.router,
+                    capacity_factor_train=args.capacity_factor,
+                    capacity_factor_eval=args.capacity_factor,
+                    group_size=args.group_size, activations=acts,
+                    dropless=(kind == "dropless"))
+    return MoeLayer(cfg, dtype=dtype)
+
+  def prepare(kind):
+    model = build(kind)
+    with partitioning.with_sharding(mesh, rules):
+      boxed = jax.eval_shape(model.init, jax.random.key(1), x)
+      shardings = partitioning.params_shardings(mesh, boxed, rules)
+      init = jax.jit(lambda k: nn.unbox(model.init(k, x)), out_shardings=shardings)
+      params = init(jax.random.key(1))
+
+      def loss_fn(p, x):
+        y, state = model.apply(p, x, deterministic=False, mutable=["intermediates"],
+                               rngs={"dropout": jax.random.key(2)})
+        dropped = state.get("intermediates", {}).get("dropped_fraction", (0.0,))[0]
+        return jnp.mean(jnp.square(y.astype(jnp.float32))), dropped
+
+      step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True),
+                     in_shardings=(shardings, x_sharding))
+      xs = jax.device_put(x, x_sharding)
+      t0 = time.perf_counter()
+      compiled = step.lower(params, xs).compile()
+      compile_s = time.perf_counter() - t0
+      (loss, dropped), _ = compiled(params, xs)  # warm-up
+      jax.block_until_ready(loss)
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0] if cost else {}
+    hlo = compiled.as_text()
+    info = dict(
+        kind=kind, compile_s=round(compile_s, 3),
+        temp_bytes=int(getattr(mem, "temp_size_in_bytes", 0)),
+        argument_bytes=int(getattr(mem, "argument_size_in_bytes", 0)),
+        flops_per_device=float((cost or {}).get("flops", 0.0)),
+        all_to_all=hlo.count(" all-to-all("),
+        all_gather=hlo.count(" all-gather("),
+        assignments_dropped=float(dropped))
+    return compiled, params, xs, info
+
+  kinds = (["dense", "moe", "dropless"] if args.compare else
+           ["dense" if args.dense else ("dropless" if args.dropless else "moe")])
+  runs = {k: prepare(k) for k in kinds}
+  times = {k: [] for k in kinds}
+  for _ in range(args.steps):
+    for k in kinds:  # interleaved, so machine noise hits all alike
+      compiled, params, xs, _ = runs[k]
+      t0 = time.perf_counter()
+      out = compiled(params, xs)
+      jax.block_until_ready(out)
+      times[k].append(time.perf_counter() - t0)
+  common = dict(experts=args.experts, top_k=args.top_k, d_model=args.d_model,
+                d_ff=args.d_ff, tokens=args.tokens, capacity_factor=args.capacity_factor,
+                mesh=args.mesh, dtype=args.dtype, activations=args.activations,
+                router=args.router, backend=jax.default_backend(),
+                devices=len(jax.devices()), steps=args.steps)
+  results = {}
+  for k in kinds:
+    med = float(np.median(times[k]))
+    results[k] = dict(common, **runs[k][3], median_step_s=round(med, 4),
+                      tokens_per_s=round(args.tokens / med, 1))
+  if args.compare:
+    for k in ("moe", "dropless"):
+      results[k]["ratio_vs_dense"] = round(
+          results[k]["median_step_s"] / results["dense"]["median_step_s"], 3)
+  for k in kinds:
+    print(json.dumps(results[k]))
+  return results
+
+
+if __name__ == "__main__":
+  main()

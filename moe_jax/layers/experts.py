@@ -1,0 +1,91 @@
+"""Stacked expert MLP weights and the expert computation on dispatched slots.
+
+Weights (logical axes in parentheses):
+  * ``wi_0``, ``wi_1`` (gated) or ``wi`` (plain): <param>[E, embed, d_ff]
+    ``('expert', 'embed', 'mlp')``
+  * ``wo``: <param>[E, d_ff, embed] ``('expert', 'mlp', 'embed')``
+
+so expert weights shard their expert dimension over the ``expert`` mesh axis
+and their hidden dimension over ``model``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+_ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "linear": lambda x: x,
+}
+
+
+def activation_fn(name: str) -> Callable[[Array], Array]:
+  try:
+    return _ACTIVATIONS[name]
+  except KeyError:
+    raise ValueError(
+        f"Unknown activation {name!r}; choose from {sorted(_ACTIVATIONS)}.") from None
+
+
+def expert_kernel_init(in_axis: int = -2, out_axis: int = -1):
+  """T5-style fan-in truncated normal, with the leading expert dim as batch."""
+  return nn.initializers.variance_scaling(
+      1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis,
+      batch_axis=(0,))
+
+
+class ExpertWeights(nn.Module):
+  """Creates the stacked expert weights; returns them (cast to ``dtype``).
+
+  Attributes:
+    num_experts, d_model, d_ff: sizes.
+    activations: one (plain MLP) or two (gated MLP) activation names.
+  """
+  num_experts: int
+  d_model: int
+  d_ff: int
+  activations: Sequence[str] = ("gelu", "linear")
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self) -> dict[str, Array]:
+    e, d, f = self.num_experts, self.d_model, self.d_ff
+    names = ["wi_0", "wi_1"] if len(self.activations) == 2 else ["wi"]
+    out = {}
+    for name in names:
+      w = self.param(
+          name,
+          nn.with_logical_partitioning(expert_kernel_init(),
+                                       ("expert", "embed", "mlp")),
+          (e, d, f), self.param_dtype)
+      out[name] = jnp.asarray(w, self.dtype)
+    wo = self.param(
+        "wo",
+        nn.with_logical_partitioning(expert_kernel_init(), ("expert", "mlp", "embed")),
+        (e, f, d), self.param_dtype)
+    out["wo"] = jnp.asarray(wo, self.dtype)
+    return out
+
+
+def hidden_activation(pre: Sequence[Array], activations: Sequence[str]) -> Array:
+  """Combines the ``wi`` projections: ``act0(h0) * act1(h1)`` or ``act(h)``."""
+  h = activation_fn(activations[0])(pre[0])
+  for x, name in zip(pre[1:], activations[1:]):
+    h = h * activation_fn(name)(x)
+  return h
+
+
+def input_kernels(weights: dict[str, Array]) -> list[Array]:
+  return [weights[k] for k in ("wi_0", "wi_1", "wi") if k in weights]

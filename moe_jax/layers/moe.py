@@ -1,0 +1,225 @@
+"""The sparse Mixture-of-Experts layer.
+
+Data flow of ``MoeLayer(x)`` for ``x: <float>[batch, length, embed]``:
+
+  1. tokens are reshaped into groups ``<float>[G, S, D]``; ``G`` is a multiple
+     of the number of batch-sharding devices (``data * fsdp * expert``), so
+     each device owns whole groups;
+  2. the router (float32) maps ``[G, S, D] -> logits [G, S, E]`` and a
+     ``Router`` turns logits into a ``RoutingDecision`` (which token fills
+     which of the ``C`` slots of each expert, with what weight);
+  3. dispatch *gathers* tokens into slots ``[G, E, C, D]`` (no one-hot
+     einsum), still sharded by group;
+  4. a sharding constraint moves the expert dimension onto the ``expert`` mesh
+     axis (groups stay on ``data``/``fsdp``): XLA emits the all-to-all here;
+  5. the stacked expert MLP runs as batched matmuls ``[G, E, C, D] x [E, D, F]``;
+  6. the inverse constraint (all-to-all back), then combine scatters the
+     weighted slot outputs back onto their tokens.
+
+``dropless=True`` replaces 3-6 by a sort + grouped-matmul path with no
+capacity (``dropless.py``).
+
+Sown into ``"intermediates"`` (unweighted; see ``moe_config``): ``aux_loss``,
+``z_loss``, ``dropped_fraction``, ``expert_load`` [E], ``router_confidence``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_jax import partitioning
+from moe_jax.layers import dropless as dropless_lib
+from moe_jax.layers import experts as experts_lib
+from moe_jax.layers import moe_config as cfg_lib
+from moe_jax.layers import routing
+
+Array = jax.Array
+MoeConfig = cfg_lib.MoeConfig
+
+
+def choose_num_groups(batch: int, length: int, group_size: int,
+                      num_batch_shards: int) -> int:
+  """Smallest group count that shards evenly and keeps groups <= group_size.
+
+  Groups must (a) be a multiple of ``num_batch_shards`` so every device owns
+  whole groups, (b) divide the tokens evenly, and (c) align with sequences
+  (a group holds whole sequences or a sequence splits into whole groups), so
+  reshaping ``[batch, length] -> [groups, tokens_per_group]`` needs no data
+  movement.
+
+  Raises:
+    ValueError: when no such count exists, saying what to change.
+  """
+  tokens = batch * length
+  if batch % num_batch_shards:
+    raise ValueError(
+        f"The batch size {batch} is not divisible by the {num_batch_shards} "
+        "batch-sharding devices (mesh axes data*fsdp*expert); use a batch size "
+        f"that is a multiple of {num_batch_shards}.")
+  g = num_batch_shards
+  while g <= tokens:
+    if (tokens % g == 0 and tokens // g <= group_size
+        and (batch % g == 0 or (g % batch == 0 and length % (g // batch) == 0))):
+      return g
+    g += num_batch_shards
+  raise ValueError(
+      f"Cannot split batch={batch} x length={length} tokens into groups of at "
+      f"most group_size={group_size} tokens, a multiple of {num_batch_shards} "
+      "groups; raise MoeConfig.group_size or change the batch/length.")
+
+
+def _dispatch(x: Array, slot_token: Array) -> Array:
+  """Gathers tokens into expert slots.
+
+  Args:
+    x: <float>[G, S, D].
+    slot_token: <int32>[G, E, C] (S = empty slot).
+  Returns:
+    <float>[G, E, C, D]; empty slots are zero.
+  """
+  x_pad = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)
+  return jax.vmap(lambda xp, idx: xp[idx])(x_pad, slot_token)
+
+
+def _combine(out: Array, slot_token: Array, slot_weight: Array, s: int) -> Array:
+  """Sums weighted slot outputs back onto their tokens.
+
+  Args:
+    out: <float>[G, E, C, D] expert outputs.
+    slot_token: <int32>[G, E, C]; slot_weight: <float32>[G, E, C].
+  Returns:
+    <float>[G, S, D].
+  """
+  d = out.shape[-1]
+  weighted = out * slot_weight[..., None].astype(out.dtype)
+
+  def one(w, idx):
+    return jnp.zeros((s + 1, d), w.dtype).at[idx.reshape(-1)].add(
+        w.reshape(-1, d))[:s]
+
+  return jax.vmap(one)(weighted, slot_token)
+
+
+class MoeLayer(nn.Module):
+  """Sparse MoE MLP block (no residual, no norm: the model adds those).
+
+  Attributes:
+    config: ``MoeConfig``.
+    dtype: activation/computation dtype of the experts (router is float32).
+    param_dtype: parameter dtype.
+  """
+  config: MoeConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, padding_mask: Optional[Array] = None, *,
+               deterministic: bool = True, causal: bool = False) -> Array:
+    """Applies the layer.
+
+    Args:
+      x: <float>[batch, length, embed].
+      padding_mask: <bool|int>[batch, length], 1 for real tokens; padding
+        takes no expert capacity and does not count in losses or metrics.
+      deterministic: eval mode (eval capacity factor, no noise, no dropout).
+      causal: the layer sits in a causal decoder (experts-choose refused).
+
+    Returns:
+      <float>[batch, length, embed] in ``dtype``.
+    """
+    c = self.config
+    mesh = partitioning.current_mesh()
+    n_expert_shards = partitioning.mesh_axis_size(mesh, "expert")
+    c.validate(num_expert_shards=n_expert_shards, causal=causal)
+    b, l, d = x.shape
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+    # --- routing (float32) -------------------------------------------------
+    router_in = x.astype(jnp.float32)
+    if not deterministic and c.jitter_noise > 0:
+      noise = jax.random.uniform(self.make_rng("jitter"), router_in.shape,
+                                 minval=1.0 - c.jitter_noise,
+                                 maxval=1.0 + c.jitter_noise)
+      router_in = router_in * noise
+    router_kernel = self.param(
+        "router_kernel",
+        nn.with_logical_partitioning(
+            nn.initializers.normal(stddev=c.router_init_stddev),
+            ("embed", "unmodeled")),
+        (d, c.num_experts), jnp.float32)
+    logits = jnp.einsum("bld,de->ble", router_in, jnp.asarray(router_kernel, jnp.float32))
+    if c.router_bias:
+      bias = self.param(
+          "router_bias",
+          nn.with_logical_partitioning(nn.initializers.zeros, ("unmodeled",)),
+          (c.num_experts,), jnp.float32)
+      logits = logits + bias
+
+    n_batch_shards = partitioning.mesh_axis_size(mesh, partitioning.BATCH_MESH_AXES)
+    group_size = b * l if c.dropless else c.group_size
+    g = choose_num_groups(b, l, group_size, n_batch_shards)
+    s = b * l // g
+    logits = logits.reshape(g, s, c.num_experts)
+    logits = nn.with_logical_constraint(logits, ("batch", "length", "unmodeled"))
+    mask = (None if padding_mask is None
+            else padding_mask.reshape(g, s).astype(jnp.float32))
+    factor = c.capacity_factor_eval if deterministic else c.capacity_factor_train
+    capacity = routing.expert_capacity(s, c.num_experts, c.num_selected_experts,
+                                       factor, c.min_expert_capacity)
+    rng = None
+    if c.priority == "random" and c.router_type == "tokens_choose":
+      rng = (self.make_rng("routing") if not deterministic
+             else jax.random.key(0))
+    decision = routing.make_router(c).route(logits, mask, capacity, rng)
+    self._sow_metrics(decision)
+
+    weights = experts_lib.ExpertWeights(
+        num_experts=c.num_experts, d_model=d, d_ff=c.d_ff,
+        activations=c.activations, dtype=self.dtype,
+        param_dtype=self.param_dtype, name="experts")()
+    use_dropout = not deterministic and c.expert_dropout_rate > 0
+
+    if c.dropless:
+      y = dropless_lib.dropless_moe(
+          x.astype(self.dtype).reshape(b * l, d),
+          decision.expert_index.reshape(b * l, -1),
+          decision.expert_weight.reshape(b * l, -1),
+          weights, activations=c.activations, num_experts=c.num_experts,
+          block=c.dropless_block_size, mesh=mesh,
+          dropout_rate=c.expert_dropout_rate if use_dropout else 0.0,
+          dropout_rng=self.make_rng("dropout") if use_dropout else None)
+      return y.reshape(b, l, d).astype(self.dtype)
+
+    xg = x.astype(self.dtype).reshape(g, s, d)
+    xg = nn.with_logical_constraint(xg, ("batch", "length", "embed"))
+    dispatched = _dispatch(xg, decision.slot_token)  # [G, E, C, D]
+    dispatched = nn.with_logical_constraint(
+        dispatched, ("batch", "unmodeled", "length", "embed"))
+    # The all-to-all: groups leave the expert axis, experts move onto it.
+    dispatched = nn.with_logical_constraint(
+        dispatched, ("expert_group", "expert", "length", "embed"))
+    pre = [jnp.einsum("gecd,edf->gecf", dispatched, w)
+           for w in experts_lib.input_kernels(weights)]
+    h = experts_lib.hidden_activation(pre, c.activations)
+    h = nn.with_logical_constraint(h, ("expert_group", "expert", "length", "mlp"))
+    if use_dropout:
+      h = nn.Dropout(rate=c.expert_dropout_rate, name="expert_dropout")(
+          h, deterministic=False)
+    out = jnp.einsum("gecf,efd->gecd", h, weights["wo"])
+    out = nn.with_logical_constraint(out, ("expert_group", "expert", "length", "embed"))
+    out = nn.with_logical_constraint(out, ("batch", "unmodeled", "length", "embed"))
+    y = _combine(out, decision.slot_token, decision.slot_weight, s)
+    y = nn.with_logical_constraint(y, ("batch", "length", "embed"))
+    y = y.reshape(b, l, d)
+    return nn.with_logical_constraint(y, ("batch", "length", "embed"))
+
+  def _sow_metrics(self, d: routing.RoutingDecision) -> None:
+    self.sow("intermediates", cfg_lib.AUX_LOSS, d.aux_loss)
+    self.sow("intermediates", cfg_lib.Z_LOSS, d.z_loss)
+    self.sow("intermediates", cfg_lib.DROPPED_FRACTION, d.dropped_fraction)
+    self.sow("intermediates", cfg_lib.EXPERT_LOAD, d.expert_load)
+    self.sow("intermediates", cfg_lib.ROUTER_CONFIDENCE, d.router_confidence)

@@ -1,0 +1,275 @@
+"""Routers: from router logits to a routing decision, plus auxiliary losses.
+
+Every router implements one interface::
+
+    router.route(logits, padding_mask, capacity, rng) -> RoutingDecision
+
+where ``logits`` is ``<float32>[groups, tokens_per_group, experts]`` and the
+decision says, for every expert *slot*, which token of the group fills it and
+with what combine weight. The MoE layer dispatches by gathering tokens into
+slots and combines by summing weighted expert outputs back onto tokens; it
+never builds one-hot ``[groups, tokens, experts, capacity]`` masks, so
+dispatch costs memory moves, not matmul FLOPs.
+
+Routers here:
+  * ``TokensChooseRouter`` -- each token picks its top-k experts (k=1 Switch,
+    k=2 GShard); per-expert capacity; overflow is dropped (the token keeps
+    only its residual). Priority by position, batch-prioritized (BPR) or
+    random (DeepSpeed RTS).
+  * ``ExpertsChooseRouter`` -- each expert picks its top-C tokens (Zhou et
+    al. 2022). Not causal: encoder only.
+
+All computation is float32, whatever the activation dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Protocol
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class RoutingDecision:
+  """What the MoE layer needs to dispatch and combine.
+
+  Attributes:
+    slot_token: <int32>[G, E, C] token index (within its group) filling each
+      expert slot; ``tokens_per_group`` (one past the end) marks an empty slot.
+    slot_weight: <float32>[G, E, C] combine weight of each slot (0 if empty).
+    expert_index: <int32>[G, S, K] the experts each token chose (tokens-choose
+      only, else None); used by dropless routing.
+    expert_weight: <float32>[G, S, K] their combine weights, 0 for padding.
+    aux_loss: <float32>[] load-balancing loss (unweighted).
+    z_loss: <float32>[] router z-loss (unweighted).
+    dropped_fraction: <float32>[] fraction of real assignments dropped.
+    expert_load: <float32>[E] fraction of assignments routed to each expert.
+    router_confidence: <float32>[] mean top-1 router probability.
+  """
+  slot_token: Optional[Array]
+  slot_weight: Optional[Array]
+  expert_index: Optional[Array]
+  expert_weight: Optional[Array]
+  aux_loss: Array
+  z_loss: Array
+  dropped_fraction: Array
+  expert_load: Array
+  router_confidence: Array
+
+
+class Router(Protocol):
+  """The interface every router implements."""
+
+  def route(self, logits: Array, padding_mask: Optional[Array], capacity: int,
+            rng: Optional[Array]) -> RoutingDecision:
+    ...
+
+
+def expert_capacity(tokens_per_group: int, num_experts: int, k: int,
+                    capacity_factor: float, min_capacity: int) -> int:
+  """GShard/DeepSpeed capacity: ``ceil(cf * k * S / E)``, floored, at most S."""
+  import math  # pylint: disable=g-import-not-at-top
+  cap = math.ceil(capacity_factor * k * tokens_per_group / num_experts)
+  cap = max(cap, min_capacity)
+  return max(1, min(cap, tokens_per_group))
+
+
+def _masked_mean(x: Array, mask: Array, axis) -> Array:
+  """Mean of ``x`` over ``axis`` counting only positions where mask is 1."""
+  total = jnp.sum(x * mask, axis=axis)
+  count = jnp.sum(mask, axis=axis)
+  return total / jnp.maximum(count, 1.0)
+
+
+def router_z_loss(logits: Array, mask: Array) -> Array:
+  """ST-MoE router z-loss: mean over real tokens of ``logsumexp(logits)^2``.
+
+  Args:
+    logits: <float32>[G, S, E].
+    mask: <float32>[G, S], 1 for real tokens.
+  """
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  return jnp.sum(lse ** 2 * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def load_balancing_loss(probs: Array, expert_index: Array, mask: Array) -> Array:
+  """Switch load-balancing loss ``E * sum_e f_e * P_e``, averaged over groups.
+
+  ``f_e`` is the fraction of a group's real tokens that have expert ``e``
+  among their top-k (so ``sum_e f_e = k``); ``P_e`` the mean router
+  probability of ``e``. Perfect balance gives ``k``.
+
+  Args:
+    probs: <float32>[G, S, E] router probabilities.
+    expert_index: <int32>[G, S, K] chosen experts.
+    mask: <float32>[G, S].
+  """
+  num_experts = probs.shape[-1]
+  chosen = jnp.max(jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32),
+                   axis=-2)  # [G, S, E]
+  f = _masked_mean(chosen, mask[..., None], axis=1)  # [G, E]
+  p = _masked_mean(probs, mask[..., None], axis=1)  # [G, E]
+  return jnp.mean(jnp.sum(f * p, axis=-1)) * num_experts
+
+
+def _priority_rank(top1_prob: Array, mask: Array, priority: str,
+                   rng: Optional[Array]) -> Array:
+  """Rank of each token in the order in which tokens claim capacity.
+
+  Args:
+    top1_prob: <float32>[G, S].
+    mask: <float32>[G, S].
+    priority: "position" | "batch_prioritized" | "random".
+    rng: PRNG key, needed for "random".
+
+  Returns:
+    <int32>[G, S]: 0 for the token served first. Padding tokens go last.
+  """
+  g, s = top1_prob.shape
+  if priority == "position":
+    key = jnp.broadcast_to(jnp.arange(s, dtype=jnp.float32), (g, s))
+  elif priority == "batch_prioritized":
+    key = -top1_prob
+  elif priority == "random":
+    if rng is None:
+      raise ValueError("priority='random' needs an RNG (the 'routing' stream).")
+    key = jax.random.uniform(rng, (g, s))
+  else:
+    raise ValueError(f"Unknown priority {priority!r}.")
+  key = jnp.where(mask > 0, key, jnp.inf)
+  order = jnp.argsort(key, axis=-1, stable=True)  # order[g, r] = token
+  rank = jnp.argsort(order, axis=-1, stable=True)  # inverse permutation
+  return rank.astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokensChooseRouter:
+  """Each token chooses its top-k experts, subject to expert capacity.
+
+  Assignments claim slots in this order: every token's 1st choice (tokens in
+  priority order), then every token's 2nd choice, and so on (GShard). An
+  assignment whose expert is full is dropped.
+  """
+  num_selected_experts: int = 2
+  priority: str = "position"
+  renormalize_top_k: bool = True
+
+  def route(self, logits: Array, padding_mask: Optional[Array], capacity: int,
+            rng: Optional[Array] = None) -> RoutingDecision:
+    """See ``Router``. logits <float32>[G, S, E]; padding_mask [G, S]."""
+    logits = logits.astype(jnp.float32)
+    g, s, e = logits.shape
+    k = self.num_selected_experts
+    mask = (jnp.ones((g, s), jnp.float32) if padding_mask is None
+            else padding_mask.astype(jnp.float32))
+    probs = jax.nn.softmax(logits, axis=-1)
+    gate, expert_index = jax.lax.top_k(probs, k)  # [G, S, K]
+    if self.renormalize_top_k and k > 1:
+      gate = gate / jnp.sum(gate, axis=-1, keepdims=True)
+    gate = gate * mask[..., None]
+
+    rank = _priority_rank(probs.max(-1), mask, self.priority, rng)  # [G, S]
+    # Position of each assignment within its expert's queue: count earlier
+    # assignments (in claim order) to the same expert.
+    one_hot = jax.nn.one_hot(expert_index, e, dtype=jnp.int32)  # [G, S, K, E]
+    one_hot = one_hot * mask.astype(jnp.int32)[..., None, None]
+    # Reorder tokens into priority order, k-major: [G, K, S(rank), E].
+    order = jnp.argsort(rank, axis=-1)  # [G, S]: token at each rank
+    by_rank = jnp.take_along_axis(one_hot, order[:, :, None, None], axis=1)
+    claims = jnp.swapaxes(by_rank, 1, 2).reshape(g, k * s, e)
+    before = jnp.cumsum(claims, axis=1) - claims  # claims before this one
+    pos_by_rank = jnp.sum(before * claims, axis=-1).reshape(g, k, s)
+    pos_by_rank = jnp.swapaxes(pos_by_rank, 1, 2)  # [G, S(rank), K]
+    position = jnp.take_along_axis(pos_by_rank, rank[:, :, None], axis=1)  # [G,S,K]
+
+    keep = (position < capacity) & (mask[..., None] > 0)
+    slot = jnp.where(keep, expert_index * capacity + position, e * capacity)
+    token_ids = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[:, None], (s, k))
+
+    def scatter(slot_g, gate_g):
+      tok = jnp.full((e * capacity,), s, jnp.int32).at[slot_g.reshape(-1)].set(
+          token_ids.reshape(-1), mode="drop")
+      wt = jnp.zeros((e * capacity,), jnp.float32).at[slot_g.reshape(-1)].set(
+          gate_g.reshape(-1), mode="drop")
+      return tok, wt
+
+    slot_token, slot_weight = jax.vmap(scatter)(slot, gate)
+
+    real = jnp.maximum(jnp.sum(mask) * k, 1.0)
+    dropped = 1.0 - jnp.sum(keep.astype(jnp.float32)) / real
+    load = jnp.sum(one_hot, axis=(0, 1, 2)).astype(jnp.float32) / real
+    return RoutingDecision(
+        slot_token=slot_token.reshape(g, e, capacity),
+        slot_weight=slot_weight.reshape(g, e, capacity),
+        expert_index=expert_index.astype(jnp.int32),
+        expert_weight=gate,
+        aux_loss=load_balancing_loss(probs, expert_index, mask),
+        z_loss=router_z_loss(logits, mask),
+        dropped_fraction=dropped,
+        expert_load=load,
+        router_confidence=_masked_mean(probs.max(-1), mask, axis=(0, 1)),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertsChooseRouter:
+  """Each expert chooses the ``capacity`` tokens of a group it likes best.
+
+  Combine weight of a (token, expert) pair is the router probability
+  ``softmax(logits)[token, expert]`` (Zhou et al. 2022). Perfectly balanced by
+  construction (aux loss 0); some tokens may reach no expert (counted as
+  dropped). Each token's output depends on the other tokens of its group, so
+  this router must not be used in a causal decoder.
+  """
+
+  def route(self, logits: Array, padding_mask: Optional[Array], capacity: int,
+            rng: Optional[Array] = None) -> RoutingDecision:
+    del rng
+    logits = logits.astype(jnp.float32)
+    g, s, e = logits.shape
+    mask = (jnp.ones((g, s), jnp.float32) if padding_mask is None
+            else padding_mask.astype(jnp.float32))
+    probs = jax.nn.softmax(logits, axis=-1)
+    # Padding can never outrank a real token: score -1 < any probability.
+    scores = jnp.where(mask[..., None] > 0, probs, -1.0)
+    slot_score, slot_token = jax.lax.top_k(jnp.swapaxes(scores, 1, 2), capacity)
+    real_slot = slot_score >= 0  # [G, E, C]
+    slot_weight = jnp.where(real_slot, slot_score, 0.0)
+    slot_token = jnp.where(real_slot, slot_token, s).astype(jnp.int32)
+
+    def reached(tok_g):
+      return jnp.zeros((s + 1,), jnp.float32).at[tok_g.reshape(-1)].max(1.0)[:s]
+
+    reached_any = jax.vmap(reached)(slot_token)  # [G, S]
+    n_real = jnp.maximum(jnp.sum(mask), 1.0)
+    dropped = 1.0 - jnp.sum(reached_any * mask) / n_real
+    per_expert = jnp.sum(real_slot.astype(jnp.float32), axis=(0, 2))
+    load = per_expert / jnp.maximum(jnp.sum(per_expert), 1.0)
+    return RoutingDecision(
+        slot_token=slot_token,
+        slot_weight=slot_weight,
+        expert_index=None,
+        expert_weight=None,
+        aux_loss=jnp.zeros((), jnp.float32),
+        z_loss=router_z_loss(logits, mask),
+        dropped_fraction=dropped,
+        expert_load=load,
+        router_confidence=_masked_mean(probs.max(-1), mask, axis=(0, 1)),
+    )
+
+
+def make_router(config) -> Router:
+  """The router a ``MoeConfig`` asks for."""
+  if config.router_type == "tokens_choose":
+    return TokensChooseRouter(
+        num_selected_experts=config.num_selected_experts,
+        priority=config.priority,
+        renormalize_top_k=config.renormalize_top_k)
+  if config.router_type == "experts_choose":
+    return ExpertsChooseRouter()
+  raise ValueError(f"Unknown router_type {config.router_type!r}.")
