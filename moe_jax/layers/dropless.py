@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from moe_jax.layers import blocked_ffn
 from moe_jax.layers import experts as experts_lib
 from moe_jax.layers import grouped_matmul as gmm_lib
 from moe_jax.partitioning import BATCH_MESH_AXES
@@ -73,6 +74,11 @@ def _local_expert_mlp(x, expert_index, expert_weight, weights, *, activations,
   row_weight = jnp.zeros((num_rows,), x.dtype).at[dest].set(
       weight[order].astype(x.dtype), mode="drop")
 
+  backend = backend or ("cpu" if jax.default_backend() == "cpu" else "ragged")
+  if backend == "cpu":
+    return blocked_ffn.expert_ffn_rows(x, row_token, row_weight, layout, weights,
+                                       activations, dropout_rate, dropout_rng)
+  # GPU/TPU: materialize the sorted rows and use a grouped-GEMM kernel.
   x_pad = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)], axis=0)
   rows = x_pad[row_token]  # [M, D]
   pre = [gmm_lib.grouped_matmul(rows, w, layout, backend)

@@ -41,18 +41,28 @@ Array = jax.Array
 MoeConfig = cfg_lib.MoeConfig
 
 
+def _aligned(batch: int, length: int, g: int) -> bool:
+  """Groups hold whole sequences, or a sequence splits into whole groups."""
+  return (batch * length) % g == 0 and (
+      batch % g == 0 or (g % batch == 0 and length % (g // batch) == 0))
+
+
 def choose_num_groups(batch: int, length: int, group_size: int,
                       num_batch_shards: int) -> int:
-  """Smallest group count that shards evenly and keeps groups <= group_size.
+  """Number of token groups for ``batch x length`` tokens.
 
-  Groups must (a) be a multiple of ``num_batch_shards`` so every device owns
-  whole groups, (b) divide the tokens evenly, and (c) align with sequences
-  (a group holds whole sequences or a sequence splits into whole groups), so
-  reshaping ``[batch, length] -> [groups, tokens_per_group]`` needs no data
-  movement.
+  The count comes from ``group_size`` alone -- the smallest count that
+  divides the tokens evenly, aligns with sequences and gives groups of at most
+  ``group_size`` tokens -- so routing (and therefore the model's output) does
+  not depend on the mesh. Every device must own whole groups, so the count
+  must be a multiple of ``num_batch_shards`` (data*fsdp*expert). If it is not
+  (e.g. a decode step with few tokens), the smallest aligned multiple of
+  ``num_batch_shards`` is used instead; then capacity per group, and possibly
+  which tokens drop, depends on the mesh. Choose ``group_size`` so that
+  ``tokens / group_size`` is a multiple of the batch shards to avoid that.
 
   Raises:
-    ValueError: when no such count exists, saying what to change.
+    ValueError: when no valid count exists, saying what to change.
   """
   tokens = batch * length
   if batch % num_batch_shards:
@@ -60,10 +70,13 @@ def choose_num_groups(batch: int, length: int, group_size: int,
         f"The batch size {batch} is not divisible by the {num_batch_shards} "
         "batch-sharding devices (mesh axes data*fsdp*expert); use a batch size "
         f"that is a multiple of {num_batch_shards}.")
+  natural = next((g for g in range(1, tokens + 1)
+                  if _aligned(batch, length, g) and tokens // g <= group_size), None)
+  if natural is not None and natural % num_batch_shards == 0:
+    return natural
   g = num_batch_shards
   while g <= tokens:
-    if (tokens % g == 0 and tokens // g <= group_size
-        and (batch % g == 0 or (g % batch == 0 and length % (g // batch) == 0))):
+    if _aligned(batch, length, g) and tokens // g <= group_size:
       return g
     g += num_batch_shards
   raise ValueError(
