@@ -8,11 +8,11 @@ Data flow of ``MoeLayer(x)`` for ``x: <float>[batch, length, embed]``:
   2. the router (float32) maps ``[G, S, D] -> logits [G, S, E]`` and a
      ``Router`` turns logits into a ``RoutingDecision`` (which token fills
      which of the ``C`` slots of each expert, with what weight);
-  3. dispatch *gathers* tokens into slots ``[G, E, C, D]`` (no one-hot
+  3. dispatch *gathers* tokens into slots ``[E, G, C, D]`` (no one-hot
      einsum), still sharded by group;
   4. a sharding constraint moves the expert dimension onto the ``expert`` mesh
      axis (groups stay on ``data``/``fsdp``): XLA emits the all-to-all here;
-  5. the stacked expert MLP runs as batched matmuls ``[G, E, C, D] x [E, D, F]``;
+  5. the stacked expert MLP runs as batched matmuls ``[E, G*C, D] x [E, D, F]``;
   6. the inverse constraint (all-to-all back), then combine scatters the
      weighted slot outputs back onto their tokens.
 
@@ -86,35 +86,37 @@ def choose_num_groups(batch: int, length: int, group_size: int,
 
 
 def _dispatch(x: Array, slot_token: Array) -> Array:
-  """Gathers tokens into expert slots.
+  """Gathers tokens into expert slots, expert-major.
 
   Args:
     x: <float>[G, S, D].
     slot_token: <int32>[G, E, C] (S = empty slot).
   Returns:
-    <float>[G, E, C, D]; empty slots are zero.
+    <float>[E, G, C, D]; empty slots are zero. Expert-major so that the
+    expert matmuls are plain batched dots (no transposes of the hidden layer).
   """
   x_pad = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)
-  return jax.vmap(lambda xp, idx: xp[idx])(x_pad, slot_token)
+  return jax.vmap(lambda xp, idx: xp[idx], in_axes=(0, 1), out_axes=1)(
+      x_pad, jnp.swapaxes(slot_token, 0, 1))
 
 
 def _combine(out: Array, slot_token: Array, slot_weight: Array, s: int) -> Array:
   """Sums weighted slot outputs back onto their tokens.
 
   Args:
-    out: <float>[G, E, C, D] expert outputs.
+    out: <float>[E, G, C, D] expert outputs.
     slot_token: <int32>[G, E, C]; slot_weight: <float32>[G, E, C].
   Returns:
     <float>[G, S, D].
   """
   d = out.shape[-1]
-  weighted = out * slot_weight[..., None].astype(out.dtype)
+  weighted = out * jnp.swapaxes(slot_weight, 0, 1)[..., None].astype(out.dtype)
 
-  def one(w, idx):
+  def one(w, idx):  # w [E, C, D], idx [E, C]
     return jnp.zeros((s + 1, d), w.dtype).at[idx.reshape(-1)].add(
         w.reshape(-1, d))[:s]
 
-  return jax.vmap(one)(weighted, slot_token)
+  return jax.vmap(one, in_axes=(1, 0))(weighted, slot_token)
 
 
 class MoeLayer(nn.Module):
@@ -209,22 +211,22 @@ class MoeLayer(nn.Module):
 
     xg = x.astype(self.dtype).reshape(g, s, d)
     xg = nn.with_logical_constraint(xg, ("batch", "length", "embed"))
-    dispatched = _dispatch(xg, decision.slot_token)  # [G, E, C, D]
+    dispatched = _dispatch(xg, decision.slot_token)  # [E, G, C, D]
     dispatched = nn.with_logical_constraint(
-        dispatched, ("batch", "unmodeled", "length", "embed"))
+        dispatched, ("unmodeled", "batch", "length", "embed"))
     # The all-to-all: groups leave the expert axis, experts move onto it.
     dispatched = nn.with_logical_constraint(
-        dispatched, ("expert_group", "expert", "length", "embed"))
-    pre = [jnp.einsum("gecd,edf->gecf", dispatched, w)
+        dispatched, ("expert", "expert_group", "length", "embed"))
+    pre = [jnp.einsum("egcd,edf->egcf", dispatched, w)
            for w in experts_lib.input_kernels(weights)]
     h = experts_lib.hidden_activation(pre, c.activations)
-    h = nn.with_logical_constraint(h, ("expert_group", "expert", "length", "mlp"))
+    h = nn.with_logical_constraint(h, ("expert", "expert_group", "length", "mlp"))
     if use_dropout:
       h = nn.Dropout(rate=c.expert_dropout_rate, name="expert_dropout")(
           h, deterministic=False)
-    out = jnp.einsum("gecf,efd->gecd", h, weights["wo"])
-    out = nn.with_logical_constraint(out, ("expert_group", "expert", "length", "embed"))
-    out = nn.with_logical_constraint(out, ("batch", "unmodeled", "length", "embed"))
+    out = jnp.einsum("egcf,efd->egcd", h, weights["wo"])
+    out = nn.with_logical_constraint(out, ("expert", "expert_group", "length", "embed"))
+    out = nn.with_logical_constraint(out, ("unmodeled", "batch", "length", "embed"))
     y = _combine(out, decision.slot_token, decision.slot_weight, s)
     y = nn.with_logical_constraint(y, ("batch", "length", "embed"))
     y = y.reshape(b, l, d)
