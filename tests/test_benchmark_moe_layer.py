@@ -1,0 +1,23 @@
+"""The MoE layer benchmark runs and reports the fields the issue asks for."""
+
+from moe_jax.benchmarks import moe_layer
+
+
+def test_compare_reports_all_fields(capsys):
+  results = moe_layer.main([
+      "--json", "--compare", "--tokens", "256", "--seq", "32", "--d_model", "16",
+      "--d_ff", "32", "--group_size", "32", "--steps", "1", "--mesh", "data=2,expert=4"])
+  lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+  assert len(lines) == 3
+  for kind in ("dense", "moe", "dropless"):
+    r = results[kind]
+    for key in ("median_step_s", "tokens_per_s", "compile_s", "temp_bytes",
+                "argument_bytes", "flops_per_device", "all_to_all",
+                "assignments_dropped"):
+      assert key in r, (kind, key)
+  assert results["moe"]["all_to_all"] > 0 and results["dense"]["all_to_all"] == 0
+  # Same active FLOPs per token: MoE does capacity_factor (1.25) x the dense
+  # FLOPs in its experts, plus a router.
+  ratio = results["moe"]["flops_per_device"] / results["dense"]["flops_per_device"]
+  assert 1.1 < ratio < 1.6
+  assert "ratio_vs_dense" in results["dropless"]
