@@ -48,6 +48,9 @@ def _parse(argv):
   p.add_argument("--dropless", action="store_true")
   p.add_argument("--compare", action="store_true",
                  help="dense, MoE and dropless MoE interleaved in one run")
+  p.add_argument("--gating", action="store_true",
+                 help="capacity MoE vs the same layer with gating dropout forced to "
+                      "fire (Gate-Drop and Gate-Expert-Drop), interleaved in one run")
   return p.parse_args(argv)
 
 
@@ -111,7 +114,10 @@ def main(argv=None):
                     capacity_factor_train=args.capacity_factor,
                     capacity_factor_eval=args.capacity_factor,
                     group_size=args.group_size, activations=acts,
-                    dropless=(kind == "dropless"))
+                    dropless=(kind == "dropless"),
+                    gating_dropout_rate=1.0 if kind.startswith("gate") else 0.0,
+                    gating_dropout_mode=("gate_expert_drop" if kind == "gate_expert_drop"
+                                         else "gate_drop"))
     return MoeLayer(cfg, dtype=dtype)
 
   def prepare(kind):
@@ -124,7 +130,9 @@ def main(argv=None):
 
       def loss_fn(p, x):
         y, state = model.apply(p, x, deterministic=False, mutable=["intermediates"],
-                               rngs={"dropout": jax.random.key(2)})
+                               rngs={"dropout": jax.random.key(2),
+                                     "jitter": jax.random.key(3),
+                                     "routing": jax.random.key(4)})
         dropped = state.get("intermediates", {}).get("dropped_fraction", (0.0,))[0]
         return jnp.mean(jnp.square(y.astype(jnp.float32))), dropped
 
@@ -151,8 +159,12 @@ def main(argv=None):
         assignments_dropped=float(dropped))
     return compiled, params, xs, info
 
-  kinds = (["dense", "moe", "dropless"] if args.compare else
-           ["dense" if args.dense else ("dropless" if args.dropless else "moe")])
+  if args.compare:
+    kinds = ["dense", "moe", "dropless"]
+  elif args.gating:
+    kinds = ["moe", "gate_drop", "gate_expert_drop"]
+  else:
+    kinds = ["dense" if args.dense else ("dropless" if args.dropless else "moe")]
   runs = {k: prepare(k) for k in kinds}
   times = {k: [] for k in kinds}
   for _ in range(args.steps):
@@ -176,6 +188,10 @@ def main(argv=None):
     for k in ("moe", "dropless"):
       results[k]["ratio_vs_dense"] = round(
           results[k]["median_step_s"] / results["dense"]["median_step_s"], 3)
+  if args.gating:
+    for k in ("gate_drop", "gate_expert_drop"):
+      results[k]["ratio_vs_moe"] = round(
+          results[k]["median_step_s"] / results["moe"]["median_step_s"], 3)
   for k in kinds:
     print(json.dumps(results[k]))
   return results

@@ -35,6 +35,7 @@ from moe_jax import partitioning
 from moe_jax.layers import dropless as dropless_lib
 from moe_jax.layers import experts as experts_lib
 from moe_jax.layers import moe_config as cfg_lib
+from moe_jax.layers import regularization
 from moe_jax.layers import routing
 
 Array = jax.Array
@@ -119,6 +120,38 @@ def _combine(out: Array, slot_token: Array, slot_weight: Array, s: int) -> Array
   return jax.vmap(one, in_axes=(1, 0))(weighted, slot_token)
 
 
+def _capacity_moe(xg: Array, slot_token: Array, slot_weight: Array,
+                  weights: dict, activations, dropout_rate: float,
+                  dropout_key: Optional[Array]) -> Array:
+  """Capacity-based expert computation (pure; safe inside ``lax.cond``).
+
+  Args:
+    xg: <float>[G, S, D] grouped tokens; slot_token/slot_weight: [G, E, C].
+  Returns:
+    <float>[G, S, D].
+  """
+  s = xg.shape[1]
+  xg = nn.with_logical_constraint(xg, ("batch", "length", "embed"))
+  dispatched = _dispatch(xg, slot_token)  # [E, G, C, D]
+  dispatched = nn.with_logical_constraint(
+      dispatched, ("unmodeled", "batch", "length", "embed"))
+  # The all-to-all: groups leave the expert axis, experts move onto it.
+  dispatched = nn.with_logical_constraint(
+      dispatched, ("expert", "expert_group", "length", "embed"))
+  pre = [jnp.einsum("egcd,edf->egcf", dispatched, w)
+         for w in experts_lib.input_kernels(weights)]
+  h = experts_lib.hidden_activation(pre, activations)
+  h = nn.with_logical_constraint(h, ("expert", "expert_group", "length", "mlp"))
+  if dropout_rate > 0 and dropout_key is not None:
+    keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, h.shape)
+    h = jnp.where(keep, h / (1.0 - dropout_rate), 0.0).astype(h.dtype)
+  out = jnp.einsum("egcf,efd->egcd", h, weights["wo"])
+  out = nn.with_logical_constraint(out, ("expert", "expert_group", "length", "embed"))
+  out = nn.with_logical_constraint(out, ("unmodeled", "batch", "length", "embed"))
+  y = _combine(out, slot_token, slot_weight, s)
+  return nn.with_logical_constraint(y, ("batch", "length", "embed"))
+
+
 class MoeLayer(nn.Module):
   """Sparse MoE MLP block (no residual, no norm: the model adds those).
 
@@ -185,10 +218,14 @@ class MoeLayer(nn.Module):
     factor = c.capacity_factor_eval if deterministic else c.capacity_factor_train
     capacity = routing.expert_capacity(s, c.num_experts, c.num_selected_experts,
                                        factor, c.min_expert_capacity)
+    train = not deterministic
+    needs_rng = c.router_type == "tokens_choose" and (
+        c.priority == "random" or (c.num_expert_clusters and c.cluster_expert_dropout_rate > 0))
     rng = None
-    if c.priority == "random" and c.router_type == "tokens_choose":
-      rng = (self.make_rng("routing") if not deterministic
-             else jax.random.key(0))
+    if needs_rng:
+      rng = self.make_rng("routing") if train else jax.random.key(0)
+      if not train:  # no re-routing in eval
+        rng = rng if c.priority == "random" else None
     decision = routing.make_router(c).route(logits, mask, capacity, rng)
     self._sow_metrics(decision)
 
@@ -196,41 +233,57 @@ class MoeLayer(nn.Module):
         num_experts=c.num_experts, d_model=d, d_ff=c.d_ff,
         activations=c.activations, dtype=self.dtype,
         param_dtype=self.param_dtype, name="experts")()
-    use_dropout = not deterministic and c.expert_dropout_rate > 0
+    dropout_rate = c.expert_dropout_rate if train else 0.0
+    dropout_key = self.make_rng("dropout") if dropout_rate > 0 else None
+    eom_key = (self.make_rng("dropout")
+               if train and c.expert_output_masking_rate > 0 else None)
+    xt = x.astype(self.dtype)
 
-    if c.dropless:
-      y = dropless_lib.dropless_moe(
-          x.astype(self.dtype).reshape(b * l, d),
-          decision.expert_index.reshape(b * l, -1),
-          decision.expert_weight.reshape(b * l, -1),
-          weights, activations=c.activations, num_experts=c.num_experts,
-          block=c.dropless_block_size, mesh=mesh,
-          dropout_rate=c.expert_dropout_rate if use_dropout else 0.0,
-          dropout_rng=self.make_rng("dropout") if use_dropout else None)
-      return y.reshape(b, l, d).astype(self.dtype)
+    def sparse_path(xt):
+      if c.dropless:
+        wt = regularization.output_mask(decision.expert_weight,
+                                        c.expert_output_masking_rate,
+                                        deterministic, eom_key)
+        y = dropless_lib.dropless_moe(
+            xt.reshape(b * l, d), decision.expert_index.reshape(b * l, -1),
+            wt.reshape(b * l, -1), weights, activations=c.activations,
+            num_experts=c.num_experts, block=c.dropless_block_size, mesh=mesh,
+            dropout_rate=dropout_rate, dropout_rng=dropout_key)
+        return y.reshape(b, l, d)
+      slot_weight = regularization.output_mask(
+          decision.slot_weight, c.expert_output_masking_rate, deterministic, eom_key)
+      y = _capacity_moe(xt.reshape(g, s, d), decision.slot_token, slot_weight,
+                        weights, c.activations, dropout_rate, dropout_key)
+      return y.reshape(b, l, d)
 
-    xg = x.astype(self.dtype).reshape(g, s, d)
-    xg = nn.with_logical_constraint(xg, ("batch", "length", "embed"))
-    dispatched = _dispatch(xg, decision.slot_token)  # [E, G, C, D]
-    dispatched = nn.with_logical_constraint(
-        dispatched, ("unmodeled", "batch", "length", "embed"))
-    # The all-to-all: groups leave the expert axis, experts move onto it.
-    dispatched = nn.with_logical_constraint(
-        dispatched, ("expert", "expert_group", "length", "embed"))
-    pre = [jnp.einsum("egcd,edf->egcf", dispatched, w)
-           for w in experts_lib.input_kernels(weights)]
-    h = experts_lib.hidden_activation(pre, c.activations)
-    h = nn.with_logical_constraint(h, ("expert", "expert_group", "length", "mlp"))
-    if use_dropout:
-      h = nn.Dropout(rate=c.expert_dropout_rate, name="expert_dropout")(
-          h, deterministic=False)
-    out = jnp.einsum("egcf,efd->egcd", h, weights["wo"])
-    out = nn.with_logical_constraint(out, ("expert", "expert_group", "length", "embed"))
-    out = nn.with_logical_constraint(out, ("unmodeled", "batch", "length", "embed"))
-    y = _combine(out, decision.slot_token, decision.slot_weight, s)
-    y = nn.with_logical_constraint(y, ("batch", "length", "embed"))
-    y = y.reshape(b, l, d)
-    return nn.with_logical_constraint(y, ("batch", "length", "embed"))
+    if train and c.gating_dropout_rate > 0:
+      # One draw per layer per step, identical on every device (replicated key).
+      fire = jax.random.bernoulli(self.make_rng("routing"), c.gating_dropout_rate)
+      if c.gating_dropout_mode == "gate_expert_drop":
+        dropped = lambda xt: jnp.zeros_like(xt)
+      else:
+        probs = jax.nn.softmax(logits.reshape(b * l, c.num_experts), axis=-1)
+        tok_mask = (jnp.ones((b * l, 1), jnp.float32) if padding_mask is None
+                    else padding_mask.reshape(b * l, 1).astype(jnp.float32))
+
+        def dropped(xt):
+          y = regularization.local_expert_moe(
+              xt.reshape(b * l, d), probs, tok_mask.astype(xt.dtype), weights,
+              k=c.num_selected_experts, num_experts=c.num_experts,
+              activations=c.activations, block=c.dropless_block_size, mesh=mesh,
+              renormalize=c.renormalize_top_k)
+          return y.reshape(b, l, d)
+      self.sow("intermediates", "gating_dropout_fired", fire.astype(jnp.float32))
+      y = jax.lax.cond(fire, dropped, sparse_path, xt)
+    else:
+      y = sparse_path(xt)
+
+    if c.final_output_masking_rate > 0:
+      fom_key = self.make_rng("dropout") if train else None
+      y = y * regularization.output_mask(
+          jnp.ones((b, l, 1), y.dtype), c.final_output_masking_rate,
+          deterministic, fom_key)
+    return nn.with_logical_constraint(y.astype(self.dtype), ("batch", "length", "embed"))
 
   def _sow_metrics(self, d: routing.RoutingDecision) -> None:
     self.sow("intermediates", cfg_lib.AUX_LOSS, d.aux_loss)
@@ -238,3 +291,5 @@ class MoeLayer(nn.Module):
     self.sow("intermediates", cfg_lib.DROPPED_FRACTION, d.dropped_fraction)
     self.sow("intermediates", cfg_lib.EXPERT_LOAD, d.expert_load)
     self.sow("intermediates", cfg_lib.ROUTER_CONFIDENCE, d.router_confidence)
+    if self.config.num_expert_clusters:
+      self.sow("intermediates", cfg_lib.CLUSTER_LOSS, d.cluster_loss)

@@ -55,6 +55,22 @@ class MoeConfig:
       separate from the model's dropout (Switch: 0.4 for fine-tuning).
     router_bias: add a bias to the router logits.
     router_init_stddev: stddev of the router kernel initializer.
+    gating_dropout_rate: Gating Dropout (Liu et al., ICML 2022): with this
+      probability per layer per training step (one draw shared by every
+      device, from the ``"routing"`` RNG stream) tokens skip the all-to-all.
+    gating_dropout_mode: ``"gate_drop"`` -- tokens are processed by the
+      experts on their own device (router restricted to the local experts) --
+      or ``"gate_expert_drop"`` -- the MoE output is zero (residual only).
+    expert_output_masking_rate: EOM (NLLB, Elbayad et al.): each (token,
+      expert) output is kept with probability ``1-p`` in training; outputs are
+      scaled by ``1-p`` in eval.
+    final_output_masking_rate: FOM (NLLB): a token's whole MoE output is kept
+      with probability ``1-p`` in training; scaled by ``1-p`` in eval.
+    num_expert_clusters: Mixture of Expert Clusters (Xie et al., AAAI 2023):
+      experts ``[c*m, (c+1)*m)`` form cluster ``c``; 0 disables.
+    cluster_expert_dropout_rate: MoEC cluster-level expert dropout: in
+      training each assignment is re-routed, with this probability, to a
+      random sibling expert of the same cluster.
   """
   num_experts: int = 8
   num_selected_experts: int = 2
@@ -73,6 +89,12 @@ class MoeConfig:
   expert_dropout_rate: float = 0.0
   router_bias: bool = False
   router_init_stddev: float = 0.02
+  gating_dropout_rate: float = 0.0
+  gating_dropout_mode: str = "gate_drop"
+  expert_output_masking_rate: float = 0.0
+  final_output_masking_rate: float = 0.0
+  num_expert_clusters: int = 0
+  cluster_expert_dropout_rate: float = 0.0
 
   def __post_init__(self):
     object.__setattr__(self, "activations", tuple(self.activations))
@@ -101,6 +123,24 @@ class MoeConfig:
       raise ValueError(
           f"activations={self.activations!r}: give one activation (plain MLP) "
           "or two (gated MLP, e.g. ('gelu', 'linear')).")
+    if self.gating_dropout_mode not in ("gate_drop", "gate_expert_drop"):
+      raise ValueError(
+          f"gating_dropout_mode={self.gating_dropout_mode!r}: use 'gate_drop' or "
+          "'gate_expert_drop'.")
+    for name in ("expert_output_masking_rate", "final_output_masking_rate",
+                 "cluster_expert_dropout_rate", "expert_dropout_rate"):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1).")
+    if not 0.0 <= self.gating_dropout_rate <= 1.0:
+      raise ValueError(
+          f"gating_dropout_rate={self.gating_dropout_rate} must be in [0, 1].")
+    if self.num_expert_clusters:
+      if self.num_experts % self.num_expert_clusters:
+        raise ValueError(
+            f"num_expert_clusters={self.num_expert_clusters} must divide "
+            f"num_experts={self.num_experts}.")
+      if self.router_type != "tokens_choose":
+        raise ValueError("Expert clusters (MoEC) need router_type='tokens_choose'.")
     if num_expert_shards is not None and self.num_experts % num_expert_shards:
       raise ValueError(
           f"num_experts={self.num_experts} is not divisible by the 'expert' "
@@ -121,4 +161,5 @@ Z_LOSS = "z_loss"                    # scalar, router z-loss
 DROPPED_FRACTION = "dropped_fraction"  # scalar, fraction of assignments dropped
 EXPERT_LOAD = "expert_load"          # [E], fraction of assignments per expert
 ROUTER_CONFIDENCE = "router_confidence"  # scalar, mean top-1 router probability
+CLUSTER_LOSS = "cluster_loss"        # scalar, MoEC variance loss (only when clusters are on)
 METRIC_NAMES = (AUX_LOSS, Z_LOSS, DROPPED_FRACTION, EXPERT_LOAD, ROUTER_CONFIDENCE)

@@ -31,6 +31,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from moe_jax.layers import regularization
+
 Array = jax.Array
 
 
@@ -50,6 +52,7 @@ class RoutingDecision:
     dropped_fraction: <float32>[] fraction of real assignments dropped.
     expert_load: <float32>[E] fraction of assignments routed to each expert.
     router_confidence: <float32>[] mean top-1 router probability.
+    cluster_loss: <float32>[] MoEC variance loss (0 when clusters are off).
   """
   slot_token: Optional[Array]
   slot_weight: Optional[Array]
@@ -60,6 +63,7 @@ class RoutingDecision:
   dropped_fraction: Array
   expert_load: Array
   router_confidence: Array
+  cluster_loss: Array = flax.struct.field(default_factory=lambda: jnp.zeros((), jnp.float32))
 
 
 class Router(Protocol):
@@ -158,6 +162,8 @@ class TokensChooseRouter:
   num_selected_experts: int = 2
   priority: str = "position"
   renormalize_top_k: bool = True
+  num_clusters: int = 0
+  cluster_dropout_rate: float = 0.0
 
   def route(self, logits: Array, padding_mask: Optional[Array], capacity: int,
             rng: Optional[Array] = None) -> RoutingDecision:
@@ -172,8 +178,17 @@ class TokensChooseRouter:
     if self.renormalize_top_k and k > 1:
       gate = gate / jnp.sum(gate, axis=-1, keepdims=True)
     gate = gate * mask[..., None]
+    priority_rng = reroute_rng = None
+    if rng is not None:
+      priority_rng, reroute_rng = jax.random.split(rng)
+    cluster_loss = jnp.zeros((), jnp.float32)
+    if self.num_clusters:
+      cluster_loss = regularization.cluster_variance_loss(probs, mask, self.num_clusters)
+      if self.cluster_dropout_rate > 0 and reroute_rng is not None:
+        expert_index = regularization.reroute_within_cluster(
+            expert_index, e, self.num_clusters, self.cluster_dropout_rate, reroute_rng)
 
-    rank = _priority_rank(probs.max(-1), mask, self.priority, rng)  # [G, S]
+    rank = _priority_rank(probs.max(-1), mask, self.priority, priority_rng)  # [G, S]
     # Position of each assignment within its expert's queue: count earlier
     # assignments (in claim order) to the same expert.
     one_hot = jax.nn.one_hot(expert_index, e, dtype=jnp.int32)  # [G, S, K, E]
@@ -213,6 +228,7 @@ class TokensChooseRouter:
         dropped_fraction=dropped,
         expert_load=load,
         router_confidence=_masked_mean(probs.max(-1), mask, axis=(0, 1)),
+        cluster_loss=cluster_loss,
     )
 
 
@@ -269,7 +285,9 @@ def make_router(config) -> Router:
     return TokensChooseRouter(
         num_selected_experts=config.num_selected_experts,
         priority=config.priority,
-        renormalize_top_k=config.renormalize_top_k)
+        renormalize_top_k=config.renormalize_top_k,
+        num_clusters=config.num_expert_clusters,
+        cluster_dropout_rate=config.cluster_expert_dropout_rate)
   if config.router_type == "experts_choose":
     return ExpertsChooseRouter()
   raise ValueError(f"Unknown router_type {config.router_type!r}.")
