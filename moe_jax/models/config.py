@@ -1,0 +1,191 @@
+"""Architecture configs: frozen dataclasses of plain Python values (gin-bindable).
+
+``T5Config`` describes an encoder-decoder (or, with ``decoder_only=True``, a
+decoder-only) T5 v1.1 model; ``SparseLayout`` says which MLPs of one stack are
+MoE layers and how they are built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import jax.numpy as jnp
+
+from moe_jax.layers.moe_config import MoeConfig
+
+LAYOUT_KINDS = ("none", "all", "every", "top", "bottom", "explicit")
+REMAT_POLICIES = ("none", "full", "dots_saveable")
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseLayout:
+  """Which layers of one stack have an MoE MLP, and how it is built.
+
+  Attributes:
+    kind: ``"none"`` (dense stack), ``"all"``, ``"every"`` (every ``every``-th
+      layer, the last of each group of ``every``: with ``every=2`` layers
+      1, 3, 5, ... (0-based) as in Switch; ``every=4`` as in ST-MoE),
+      ``"top"`` / ``"bottom"`` (the last / first ``count`` layers) or
+      ``"explicit"`` (the 0-based indices in ``layers``).
+    every: period for ``kind="every"``.
+    count: number of sparse layers for ``"top"`` / ``"bottom"``.
+    layers: indices for ``"explicit"``.
+    num_experts: per-sparse-layer expert counts, in layer order (pyramid MoE,
+      e.g. ``(4, 4, 8, 8)``); empty means ``MoeConfig.num_experts`` everywhere.
+    residual: residual MoE (DeepSpeed PR-MoE): a dense MLP beside the MoE;
+      the output mixes both with a learned 2-way softmax gate per token.
+    extra_dense_mlp: ST-MoE: a sparse layer is followed by an extra dense MLP
+      sublayer (own pre-norm and residual connection).
+  """
+  kind: str = "none"
+  every: int = 2
+  count: int = 1
+  layers: Sequence[int] = ()
+  num_experts: Sequence[int] = ()
+  residual: bool = False
+  extra_dense_mlp: bool = False
+
+  def __post_init__(self):
+    object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+    object.__setattr__(self, "num_experts", tuple(int(n) for n in self.num_experts))
+    if self.kind not in LAYOUT_KINDS:
+      raise ValueError(f"SparseLayout.kind={self.kind!r} is unknown; use one of "
+                       f"{LAYOUT_KINDS}.")
+    if self.kind == "every" and self.every < 1:
+      raise ValueError(f"SparseLayout.every must be >= 1, got {self.every}.")
+
+  def sparse_layers(self, num_layers: int) -> tuple[int, ...]:
+    """0-based indices of the MoE layers in a stack of ``num_layers``."""
+    if self.kind == "none":
+      out = ()
+    elif self.kind == "all":
+      out = tuple(range(num_layers))
+    elif self.kind == "every":
+      out = tuple(i for i in range(num_layers) if i % self.every == self.every - 1)
+    elif self.kind in ("top", "bottom"):
+      if not 0 <= self.count <= num_layers:
+        raise ValueError(f"SparseLayout.count={self.count} must be between 0 and "
+                         f"the number of layers ({num_layers}).")
+      out = (tuple(range(num_layers - self.count, num_layers)) if self.kind == "top"
+             else tuple(range(self.count)))
+    else:
+      bad = [i for i in self.layers if not 0 <= i < num_layers]
+      if bad:
+        raise ValueError(f"SparseLayout.layers has indices {bad} outside "
+                         f"[0, {num_layers}); the stack has {num_layers} layers.")
+      out = tuple(sorted(set(self.layers)))
+    if self.num_experts and len(self.num_experts) != len(out):
+      raise ValueError(
+          f"SparseLayout.num_experts has {len(self.num_experts)} entries but the "
+          f"layout has {len(out)} sparse layers {out}; give one count per sparse layer.")
+    return out
+
+  def experts_per_layer(self, num_layers: int, default: int) -> dict[int, int]:
+    """``{layer index: number of experts}`` for the sparse layers."""
+    layers = self.sparse_layers(num_layers)
+    counts = self.num_experts or (default,) * len(layers)
+    return dict(zip(layers, counts))
+
+  def scan_period(self, num_layers: int, default_experts: int) -> int:
+    """Layers per scanned block: the layout must repeat with this period.
+
+    Raises ``ValueError`` when the layout cannot be scanned (not periodic, or
+    pyramid expert counts).
+    """
+    layers = self.sparse_layers(num_layers)
+    experts = self.experts_per_layer(num_layers, default_experts)
+    if len(set(experts.values())) > 1:
+      raise ValueError(
+          "scan_layers=True needs the same expert count in every sparse layer; "
+          f"this layout has {sorted(set(experts.values()))}. Use scan_layers=False "
+          "for pyramid MoE.")
+    sparse = set(layers)
+    for period in range(1, num_layers + 1):
+      if num_layers % period:
+        continue
+      if all((i in sparse) == ((i % period) in sparse) for i in range(num_layers)):
+        return period
+    return num_layers  # unreachable: period == num_layers always matches.
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """T5 v1.1 architecture (defaults: T5 v1.1 small), optionally with MoE layers.
+
+  Attributes:
+    vocab_size, d_model, num_heads, d_kv (per-head size), d_ff (dense MLP
+      hidden size), num_encoder_layers, num_decoder_layers: sizes.
+    activations: MLP activations; ``("gelu", "linear")`` is T5 v1.1's
+      gated-GELU, ``("relu",)`` the original T5 MLP.
+    dropout_rate: dropout after every sublayer, on attention weights and MLP
+      hidden units (only when ``enable_dropout=True``).
+    relative_attention_num_buckets / relative_attention_max_distance: the
+      bucketed relative position bias (one table per stack).
+    logits_via_embedding: tie the output projection to the input embedding
+      (logits are then scaled by ``d_model**-0.5``). T5 v1.1: ``False``.
+    layer_norm_epsilon: RMS norm epsilon.
+    dtype / param_dtype: activation and parameter dtypes (names, e.g. "bfloat16").
+    moe: the MoE layer config used by sparse layers (required if any layout
+      is sparse). Its ``num_experts`` may be overridden per layer.
+    encoder_layout / decoder_layout: which MLPs are MoE in each stack.
+    decoder_only: build a decoder-only LM (uses ``num_decoder_layers`` and
+      ``decoder_layout``); ``prefix_lm`` lets inputs marked by
+      ``decoder_causal_attention`` attend bidirectionally.
+    scan_layers: stack layers with ``nn.scan`` (blocks of the layout's period).
+    remat_policy: ``"none"``, ``"full"`` (recompute everything) or
+      ``"dots_saveable"`` (keep matmul outputs).
+  """
+  vocab_size: int = 32128
+  d_model: int = 512
+  num_heads: int = 6
+  d_kv: int = 64
+  d_ff: int = 1024
+  num_encoder_layers: int = 8
+  num_decoder_layers: int = 8
+  activations: Sequence[str] = ("gelu", "linear")
+  dropout_rate: float = 0.1
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  logits_via_embedding: bool = False
+  layer_norm_epsilon: float = 1e-6
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  moe: Optional[MoeConfig] = None
+  encoder_layout: SparseLayout = SparseLayout()
+  decoder_layout: SparseLayout = SparseLayout()
+  decoder_only: bool = False
+  prefix_lm: bool = False
+  scan_layers: bool = False
+  remat_policy: str = "none"
+
+  def __post_init__(self):
+    object.__setattr__(self, "activations", tuple(self.activations))
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy={self.remat_policy!r} is unknown; use one of "
+                       f"{REMAT_POLICIES}.")
+    for name in ("dtype", "param_dtype"):
+      try:
+        jnp.dtype(getattr(self, name))
+      except TypeError:
+        raise ValueError(f"T5Config.{name}={getattr(self, name)!r} is not a dtype "
+                         "name; use e.g. 'float32' or 'bfloat16'.") from None
+    stacks = [("decoder", self.decoder_layout, self.num_decoder_layers)]
+    if not self.decoder_only:
+      stacks.insert(0, ("encoder", self.encoder_layout, self.num_encoder_layers))
+    for stack, layout, n in stacks:
+      layers = layout.sparse_layers(n)
+      if layers and self.moe is None:
+        raise ValueError(
+            f"{stack}_layout places MoE layers at {layers} but T5Config.moe is None; "
+            "set moe=MoeConfig(...) or use SparseLayout(kind='none').")
+      if self.scan_layers:
+        layout.scan_period(n, self.moe.num_experts if self.moe else 0)
+
+  @property
+  def jnp_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def jnp_param_dtype(self):
+    return jnp.dtype(self.param_dtype)
