@@ -206,6 +206,11 @@ class DataIterator:
                        f" expected {STATE_FORMAT!r}).")
     mine = json.loads(json.dumps(self._config))
     for key, value in mine.items():
+      # Every host consumes batches in lock-step, so a state saved by one
+      # host (the checkpoint keeps process 0's) is valid for all of them:
+      # only the shard index differs.
+      if key == "shard_index":
+        continue
       if state.get(key) != value:
         raise ValueError(
             f"Data iterator state has {key}={state.get(key)!r} but this pipeline "
