@@ -6,7 +6,7 @@ the ``"params"`` collection of ``moe_jax.models.build_model(config)``.
 
 from __future__ import annotations
 
-FORMATS = ("hf", "t5x", "moe_jax")
+FORMATS = ("auto", "hf", "t5x", "moe_jax")
 
 
 def load_dense_t5(path: str, format: str = "hf", **config_overrides):  # pylint: disable=redefined-builtin
@@ -14,8 +14,9 @@ def load_dense_t5(path: str, format: str = "hf", **config_overrides):  # pylint:
 
   Args:
     path: checkpoint directory.
-    format: ``"hf"`` (Hugging Face config.json + safetensors). ``"t5x"`` and
-      ``"moe_jax"`` are reserved for later readers.
+    format: ``"hf"`` (Hugging Face config.json + safetensors), ``"t5x"``
+      (T5X's msgpack ``checkpoint`` + tensorstore arrays), ``"moe_jax"`` (this
+      project's Orbax checkpoint) or ``"auto"`` (detected from the files).
     **config_overrides: ``T5Config`` fields to override (e.g. ``dropout_rate``).
 
   Returns:
@@ -24,8 +25,21 @@ def load_dense_t5(path: str, format: str = "hf", **config_overrides):  # pylint:
   if format == "hf":
     from moe_jax.checkpoints.hf import load_hf_t5  # pylint: disable=g-import-not-at-top
     return load_hf_t5(path, **config_overrides)
-  if format in ("t5x", "moe_jax"):
-    raise NotImplementedError(
-        f"load_dense_t5(format={format!r}) is not implemented yet; convert the "
-        "checkpoint to Hugging Face format and use format='hf'.")
+  if format in ("t5x", "moe_jax", "auto"):
+    from moe_jax.checkpoints.formats import load_dense_t5_any  # pylint: disable=g-import-not-at-top
+    return load_dense_t5_any(path, format, **config_overrides)
   raise ValueError(f"Unknown checkpoint format {format!r}; use one of {FORMATS}.")
+
+
+def __getattr__(name):
+  # Lazy exports, so importing the package stays light (no orbax import).
+  if name == "CheckpointManager":
+    from moe_jax.checkpoints.manager import CheckpointManager  # pylint: disable=g-import-not-at-top
+    return CheckpointManager
+  if name == "PreemptionHandler":
+    from moe_jax.checkpoints.preemption import PreemptionHandler  # pylint: disable=g-import-not-at-top
+    return PreemptionHandler
+  if name in ("CheckpointMismatchError", "restore_params"):
+    from moe_jax.checkpoints import restore  # pylint: disable=g-import-not-at-top
+    return getattr(restore, name)
+  raise AttributeError(f"module 'moe_jax.checkpoints' has no attribute {name!r}")
