@@ -1,0 +1,230 @@
+"""One configured training run: validated up front, then run.
+
+:func:`build_experiment` takes the T5X-style settings (what ``train.*`` gin
+bindings provide), checks them against the devices *before* any data is
+read or anything compiled (mesh sizes, batch divisibility, experts per
+expert shard) and returns an :class:`Experiment`. ``Experiment.run()`` reads
+the data and trains; ``Experiment.init_and_step()`` initializes the sharded
+state and runs one step on a synthetic batch (config smoke tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from moe_jax import models, partitioning
+from moe_jax.data import pipeline
+from moe_jax.training import loop, metrics, optimizers, train_state, train_step
+
+
+class ConfigError(ValueError):
+  """A setting that cannot work with these devices; the message says what to change."""
+
+
+@dataclasses.dataclass
+class Experiment:
+  model_config: Any
+  model: Any
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  loss_config: train_step.LossConfig
+  loop_config: loop.LoopConfig
+  mesh: Any
+  rules: Any
+  batch_size: int
+  task_feature_lengths: dict
+  batch_shapes: dict
+  mixture_or_task_name: str
+  model_type: str
+  model_dir: Optional[str] = None
+  initial_checkpoint_path: Optional[str] = None
+  pack: bool = True
+  data_seed: int = 0
+  measure_peak_flops: bool = True
+  tensorboard: bool = True
+
+  # -- smoke ------------------------------------------------------------------
+  def _jitted_step(self, shardings):
+    return train_step.jit_train_step(
+        train_step.make_train_step(self.model, self.loss_config, self.schedule,
+                                   self.loop_config.num_microbatches, self.mesh),
+        shardings, train_step.batch_sharding(self.mesh))
+
+  def lower_step(self) -> Any:
+    """Traces and lowers (no compile, no run) the sharded train step.
+
+    Cheap check that a configuration traces and shards; returns the
+    ``jax.stages.Lowered``.
+    """
+    abstract, shardings = train_state.state_shardings(
+        self.model, self.tx, self.mesh, self.rules, self.batch_shapes)
+    with partitioning.with_sharding(self.mesh, self.rules):
+      return self._jitted_step(shardings).lower(abstract, self.batch_shapes)
+
+  def init_and_step(self) -> dict[str, float]:
+    """Sharded init + one jitted train step on a synthetic batch; metrics."""
+    state, shardings = train_state.init_train_state(
+        self.model, self.tx, self.mesh, self.rules, self.batch_shapes,
+        seed=self.loop_config.seed)
+    step = self._jitted_step(shardings)
+    rng = np.random.default_rng(0)
+    vocab = self.model_config.vocab_size
+    local = {k: rng.integers(1, vocab, v.shape).astype(np.int32)
+             for k, v in self.batch_shapes.items()}
+    local["decoder_loss_weights"] = np.ones_like(local["decoder_loss_weights"])
+    with partitioning.with_sharding(self.mesh, self.rules):
+      batch = pipeline.to_global_batch(local, self.mesh, self.rules)
+      _, m = step(state, batch)
+    return metrics.to_host(m)
+
+  # -- the run ------------------------------------------------------------------
+  def run(self, log_fn: Callable[[str], None] = print) -> loop.LoopResult:
+    """Reads data (this process's shard) and trains; see :func:`loop.train`."""
+    cfg = self.loop_config
+    train_data = pipeline.get_train_iterator(
+        self.mixture_or_task_name, self.task_feature_lengths, self.batch_size,
+        seed=self.data_seed, pack=self.pack, model_type=self.model_type)
+    eval_data = None
+    if cfg.eval_period:
+      max_examples = None if cfg.eval_steps is None else cfg.eval_steps * self.batch_size
+      evals = pipeline.get_eval_datasets(
+          self.mixture_or_task_name, self.task_feature_lengths, self.batch_size,
+          model_type=self.model_type, max_examples=max_examples)
+      eval_data = lambda: (b for ev in evals.values() for b, _ in ev.batches())
+
+    abstract, _ = train_state.state_shardings(self.model, self.tx, self.mesh,
+                                              self.rules, self.batch_shapes)
+    moe = self.model_config.moe
+    active = metrics.active_params(abstract.params, moe.num_experts if moe else 1,
+                                   moe.num_selected_experts if moe else 1)
+    peak = metrics.measure_matmul_peak() if self.measure_peak_flops else None
+    primary = jax.process_index() == 0
+    if primary:
+      lengths = {k: v.shape[1] for k, v in self.batch_shapes.items()
+                 if k in ("encoder_input_tokens", "decoder_target_tokens")}
+      log_fn(f"moe-train: {metrics.count_params(abstract.params):,} params "
+             f"({active:,} active per token), mesh {dict(self.mesh.shape)}, "
+             f"batch {self.batch_size} x {lengths}, {cfg.train_steps} steps"
+             + (f", matmul peak {peak / 1e9:.1f} GFLOP/s" if peak else ""))
+    writers = metrics.create_writers(self.model_dir if self.tensorboard else None,
+                                     primary)
+    return loop.train(
+        self.model, self.tx, self.mesh, self.rules, train_data, self.batch_shapes,
+        cfg, loss_cfg=self.loss_config, schedule=self.schedule, eval_data=eval_data,
+        model_dir=self.model_dir, initial_checkpoint_path=self.initial_checkpoint_path,
+        writers=writers, flops_per_token=metrics.train_flops_per_token(active),
+        peak_flops=peak, log_fn=log_fn)
+
+
+def validate(model_config, mesh, batch_size: int, num_microbatches: int) -> None:
+  """Raises :class:`ConfigError` for settings these devices cannot run."""
+  shards = partitioning.mesh_axis_size(mesh, partitioning.BATCH_MESH_AXES)
+  if batch_size % shards:
+    raise ConfigError(
+        f"BATCH_SIZE={batch_size} is not divisible by the batch-sharding mesh axes "
+        f"data*fsdp*expert = {shards} (mesh {dict(mesh.shape)}). Use a multiple of "
+        f"{shards} (e.g. --gin.BATCH_SIZE={shards * max(1, batch_size // shards)}) "
+        "or change MESH_DATA / MESH_FSDP / MESH_EXPERT.")
+  if (num_microbatches < 1 or batch_size % num_microbatches
+      or (batch_size // num_microbatches) % shards):
+    raise ConfigError(
+        f"NUM_MICROBATCHES={num_microbatches} must split BATCH_SIZE={batch_size} into "
+        f"microbatches whose size is a multiple of {shards} (the batch shards).")
+  if model_config.moe is None:
+    return
+  expert_shards = partitioning.mesh_axis_size(mesh, "expert")
+  try:
+    model_config.moe.validate(num_expert_shards=expert_shards)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  for stack, layout, n in (("encoder", model_config.encoder_layout,
+                            model_config.num_encoder_layers),
+                           ("decoder", model_config.decoder_layout,
+                            model_config.num_decoder_layers)):
+    for layer, e in layout.experts_per_layer(n, model_config.moe.num_experts).items():
+      if e % expert_shards:
+        raise ConfigError(
+            f"{stack} layer {layer} has {e} experts, not divisible by MESH_EXPERT="
+            f"{expert_shards}; change MESH_EXPERT or the expert counts.")
+
+
+def build_experiment(
+    model_config: Any,
+    mixture_or_task_name: str,
+    task_feature_lengths: Mapping[str, int],
+    batch_size: int,
+    train_steps: int,
+    model_dir: Optional[str] = None,
+    mixture_or_task_module: Optional[str] = None,
+    eval_period: int = 0,
+    eval_steps: Optional[int] = 20,
+    checkpoint_period: Optional[int] = 1000,
+    keep_checkpoints: int = 3,
+    initial_checkpoint_path: Optional[str] = None,
+    mesh_shape: Optional[Mapping[str, int]] = None,
+    dcn_mesh_shape: Optional[Mapping[str, int]] = None,
+    fsdp_params: bool = True,
+    num_microbatches: int = 1,
+    log_period: int = 100,
+    seed: int = 0,
+    data_seed: Optional[int] = None,
+    pack: bool = True,
+    optimizer: Optional[optax.GradientTransformation] = None,
+    schedule: Optional[optax.Schedule] = None,
+    loss_config: Optional[train_step.LossConfig] = None,
+    measure_peak_flops: bool = True,
+    tensorboard: bool = True) -> Experiment:
+  """Validates the settings against the devices and assembles the run.
+
+  Args mirror T5X's run macros (``MODEL_DIR``, ``TRAIN_STEPS``, ...);
+  ``mesh_shape`` / ``dcn_mesh_shape`` are ``{'data', 'fsdp', 'expert',
+  'model'}`` sizes (one ``-1`` allowed). ``optimizer`` defaults to T5's
+  Adafactor on ``schedule`` (default rsqrt).
+
+  Raises:
+    ConfigError: mesh sizes that do not match the devices, a batch that does
+      not divide over the batch axes, experts that do not divide over the
+      expert axis -- before any data is read or anything compiled.
+  """
+  if mixture_or_task_module:
+    importlib.import_module(mixture_or_task_module)
+  try:
+    mesh = partitioning.make_mesh(mesh_shape or {"data": -1},
+                                  dcn_axis_sizes=dcn_mesh_shape)
+  except ValueError as e:
+    raise ConfigError(f"{e} (jax sees {jax.device_count()} devices.)") from e
+  validate(model_config, mesh, batch_size, num_microbatches)
+  if train_steps < 1:
+    raise ConfigError(f"TRAIN_STEPS={train_steps} must be >= 1.")
+  model_type = "decoder" if model_config.decoder_only else "encdec"
+  lengths = pipeline.model_feature_lengths(task_feature_lengths, model_type, pack)
+  feature_lengths = {"targets": lengths["decoder_target_tokens"]}
+  if "encoder_input_tokens" in lengths:
+    feature_lengths["inputs"] = lengths["encoder_input_tokens"]
+  schedule = schedule or optimizers.make_schedule("rsqrt")
+  tx = optimizer or optimizers.make_optimizer("adafactor", schedule)
+  if model_dir and jax.process_index() == 0:
+    os.makedirs(model_dir, exist_ok=True)
+  return Experiment(
+      model_config=model_config, model=models.build_model(model_config), tx=tx,
+      schedule=schedule, loss_config=loss_config or train_step.LossConfig(),
+      loop_config=loop.LoopConfig(
+          train_steps=train_steps, log_period=log_period, eval_period=eval_period,
+          eval_steps=eval_steps, checkpoint_period=checkpoint_period,
+          keep_checkpoints=keep_checkpoints, num_microbatches=num_microbatches,
+          seed=seed),
+      mesh=mesh, rules=partitioning.standard_logical_rules(fsdp_params=fsdp_params),
+      batch_size=batch_size, task_feature_lengths=dict(task_feature_lengths),
+      batch_shapes=train_state.dummy_batch(batch_size, feature_lengths),
+      mixture_or_task_name=mixture_or_task_name, model_type=model_type,
+      model_dir=model_dir, initial_checkpoint_path=initial_checkpoint_path,
+      pack=pack, data_seed=seed if data_seed is None else data_seed,
+      measure_peak_flops=measure_peak_flops, tensorboard=tensorboard)

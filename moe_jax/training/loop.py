@@ -1,0 +1,293 @@
+"""The training loop: init/restore, step, log, evaluate, checkpoint, stop.
+
+Data comes in as an iterator of *process-local* numpy batches (this
+process's rows of the global batch; feature names as T5X's
+``EncDecFeatureConverter``). Each is turned into one global, batch-sharded
+``jax.Array`` (as ``moe_jax.data.pipeline.to_global_batch`` does; the loop
+does it itself so that it does not pull in TensorFlow for non-seqio data). An iterator
+with ``get_state()`` / ``set_state()`` has its position checkpointed.
+
+Non-finite losses stop the run (:class:`NonFiniteLossError`) before a
+checkpoint of the broken state can be written: step ``s``'s loss is checked
+when step ``s+1`` has been dispatched (so the host does not stall the
+device), and always before a save.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from moe_jax import partitioning
+from moe_jax.training import metrics as metrics_lib
+from moe_jax.training import train_state as train_state_lib
+from moe_jax.training import train_step as train_step_lib
+
+logger = logging.getLogger("moe_jax.train")
+
+
+class NonFiniteLossError(RuntimeError):
+  """The training loss became NaN or Inf."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  """Schedule of one training run.
+
+  Attributes:
+    train_steps: total optimizer steps (T5X's ``TRAIN_STEPS``: absolute, so a
+      resumed run stops at the same step).
+    log_period: console/TensorBoard every this many steps.
+    eval_period: teacher-forced evaluation every this many steps (0: never).
+    eval_steps: batches per evaluation (``None``: the whole eval iterator).
+    checkpoint_period: save every this many steps (0: only at the end when a
+      model directory is given; ``None``: never).
+    keep_checkpoints: how many recent checkpoints to keep.
+    num_microbatches: gradient-accumulation microbatches per step.
+    seed: parameter / dropout / routing RNG seed.
+  """
+  train_steps: int = 1000
+  log_period: int = 100
+  eval_period: int = 0
+  eval_steps: Optional[int] = 20
+  checkpoint_period: Optional[int] = 1000
+  keep_checkpoints: int = 3
+  num_microbatches: int = 1
+  seed: int = 0
+
+
+@dataclasses.dataclass
+class LoopResult:
+  state: Any
+  losses: list[float]                 # per step, in order
+  eval_history: list[tuple[int, dict]]
+  stopped_early: bool = False
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Process-local rows -> global ``jax.Array``s sharded over the batch axes."""
+  sharding = train_step_lib.batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items()}
+
+
+def _check_finite(step: int, metrics: Mapping[str, Any]) -> float:
+  """Returns step ``step``'s loss; raises if it or the updated params are not finite."""
+  loss = float(np.asarray(jax.device_get(metrics["loss"])))
+  param_norm = float(np.asarray(jax.device_get(metrics.get("param_norm", 0.0))))
+  if not (math.isfinite(loss) and math.isfinite(param_norm)):
+    what = (f"Training loss became {loss}" if not math.isfinite(loss)
+            else f"The parameters became non-finite (norm {param_norm})")
+    raise NonFiniteLossError(
+        f"{what} at step {step}; stopping before any "
+        "checkpoint of this state is written. Lower the learning rate, set "
+        "make_optimizer.max_grad_norm, use float32 activations, or check the "
+        "input data.")
+  return loss
+
+
+def _open_checkpoints(model_dir: Optional[str], cfg: LoopConfig):
+  """The ckpt manager (``moe_jax.checkpoints``) or ``None`` when disabled."""
+  if not model_dir or cfg.checkpoint_period is None:
+    return None
+  try:
+    from moe_jax.checkpoints.manager import CheckpointManager  # pylint: disable=g-import-not-at-top
+  except ImportError:  # checkpoints package not available
+    logger.warning("moe_jax.checkpoints.manager unavailable; not checkpointing.")
+    return None
+  period = cfg.checkpoint_period or cfg.train_steps
+  return CheckpointManager(model_dir, save_interval_steps=max(1, period),
+                           max_to_keep=cfg.keep_checkpoints)
+
+
+def _preemption_handler():
+  try:
+    from moe_jax.checkpoints.preemption import PreemptionHandler  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  try:
+    return PreemptionHandler().install()
+  except (RuntimeError, ValueError):  # not on the main thread
+    return None
+
+
+def evaluate(eval_step, params, batches: Iterable[Mapping[str, np.ndarray]],
+             mesh: Mesh, rules, max_batches: Optional[int]) -> dict[str, float]:
+  """Token-weighted eval loss/accuracy over ``batches``."""
+  totals: dict[str, float] = {}
+  n = 0
+  for local in batches:
+    if max_batches is not None and n >= max_batches:
+      break
+    sums = metrics_lib.to_host(eval_step(params, global_batch(local, mesh)))
+    for k, v in sums.items():
+      totals[k] = totals.get(k, 0.0) + v
+    n += 1
+  if not n:
+    return {}
+  tokens = max(totals.get("num_tokens", 0.0), 1.0)
+  out = {"loss": (totals["cross_entropy_sum"] + totals["z_loss_sum"]) / tokens,
+         "cross_entropy": totals["cross_entropy_sum"] / tokens,
+         "accuracy": totals["correct_sum"] / tokens,
+         "num_tokens": totals["num_tokens"]}
+  out.update({k: v / n for k, v in totals.items() if k.startswith("moe/")})
+  return out
+
+
+def _eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def train(model: nn.Module,
+          tx: optax.GradientTransformation,
+          mesh: Mesh,
+          rules,
+          train_data: Iterator[Mapping[str, np.ndarray]],
+          batch_shapes: Mapping[str, jax.ShapeDtypeStruct],
+          cfg: LoopConfig,
+          loss_cfg: train_step_lib.LossConfig = train_step_lib.LossConfig(),
+          schedule: Optional[optax.Schedule] = None,
+          eval_data: Optional[Callable[[], Iterable[Mapping[str, np.ndarray]]]] = None,
+          model_dir: Optional[str] = None,
+          initial_checkpoint_path: Optional[str] = None,
+          writers=None,
+          flops_per_token: Optional[float] = None,
+          peak_flops: Optional[float] = None,
+          log_fn: Callable[[str], None] = print) -> LoopResult:
+  """Runs training to ``cfg.train_steps`` (resuming from MODEL_DIR if saved).
+
+  Args:
+    model: flax module (T5X signature).
+    tx: optimizer; schedule: its learning rate (for logging).
+    mesh, rules: device mesh and logical-axis rules.
+    train_data: iterator of process-local batches.
+    batch_shapes: *global* batch shapes (:func:`train_state.dummy_batch`).
+    eval_data: returns a fresh iterable of process-local eval batches.
+    model_dir: checkpoints (and, via ``writers``, TensorBoard) go here.
+    initial_checkpoint_path: when nothing is saved in ``model_dir`` yet, load
+      the parameters (only) from this checkpoint, cast to the model's
+      parameter dtypes (finetuning); the optimizer starts fresh.
+    writers: ``(train_writer, eval_writer)`` clu writers, or ``None``.
+    flops_per_token, peak_flops: for the MFU estimate.
+    log_fn: where console lines go (primary process only).
+  """
+  is_primary = jax.process_index() == 0
+  say = log_fn if is_primary else (lambda _: None)
+  bsh = train_step_lib.batch_sharding(mesh)
+  abstract, shardings = train_state_lib.state_shardings(
+      model, tx, mesh, rules, batch_shapes)
+
+  ckpt = _open_checkpoints(model_dir, cfg)
+  state = None
+  if ckpt is not None:
+    restored = ckpt.restore_or_none(abstract, shardings)
+    if restored is not None:
+      state, data_state = restored
+      state = state.replace(tx=tx) if hasattr(state, "replace") else state
+      if data_state and hasattr(train_data, "set_state"):
+        train_data.set_state(data_state)
+      say(f"Resumed from {model_dir} at step {int(state.step)}.")
+  if state is None:
+    state, _ = train_state_lib.init_train_state(
+        model, tx, mesh, rules, batch_shapes, seed=cfg.seed)
+    if initial_checkpoint_path:
+      from moe_jax.checkpoints import restore  # pylint: disable=g-import-not-at-top
+      params = restore.restore_params(initial_checkpoint_path, abstract.params,
+                                      shardings.params)
+      state = state.replace(params=params)
+      say(f"Loaded parameters from {initial_checkpoint_path}.")
+
+  step_fn = train_step_lib.jit_train_step(
+      train_step_lib.make_train_step(model, loss_cfg, schedule,
+                                     cfg.num_microbatches, mesh),
+      shardings, bsh)
+  eval_fn = jax.jit(train_step_lib.make_eval_step(model, loss_cfg),
+                    in_shardings=(shardings.params, bsh))
+  train_writer, eval_writer = writers if writers is not None else (None, None)
+  tokens_per_step = int(np.prod(batch_shapes["decoder_target_tokens"].shape))
+  throughput = metrics_lib.Throughput(flops_per_token or 0.0, peak_flops)
+
+  start = int(jax.device_get(state.step))
+  losses: list[float] = []
+  eval_history: list[tuple[int, dict]] = []
+  pending: Optional[tuple[int, dict]] = None
+  preemption = _preemption_handler() if ckpt is not None else None
+  stopped_early = False
+  t_start = time.perf_counter()
+  try:
+    with partitioning.with_sharding(mesh, rules):
+      for step in range(start, cfg.train_steps):
+        try:
+          local = next(train_data)
+        except StopIteration:
+          say(f"Training data ran out after step {step}; stopping.")
+          stopped_early = True
+          break
+        state, m = step_fn(state, global_batch(local, mesh))
+        if pending is not None:
+          losses.append(_check_finite(*pending))
+        pending = (step + 1, m)
+        throughput.add(tokens_per_step)
+        done = step + 1
+
+        if done % cfg.log_period == 0 or done == cfg.train_steps:
+          losses.append(_check_finite(*pending))
+          pending = None
+          host = {**metrics_lib.to_host(m), **throughput.read()}
+          rate = (done - start) / max(time.perf_counter() - t_start, 1e-9)
+          say(metrics_lib.format_console(done, host)
+              + f"  [{done}/{cfg.train_steps} {100.0 * done / cfg.train_steps:.0f}%"
+              f" eta {_eta((cfg.train_steps - done) / max(rate, 1e-9))}]")
+          for line in metrics_lib.format_moe_layers(host):
+            say(line)
+          if train_writer is not None:
+            train_writer.write_scalars(done, host)
+
+        if cfg.eval_period and eval_data is not None and done % cfg.eval_period == 0:
+          ev = evaluate(eval_fn, state.params, eval_data(), mesh, rules, cfg.eval_steps)
+          eval_history.append((done, ev))
+          if ev:
+            say(metrics_lib.format_console(done, ev, prefix="eval"))
+            if eval_writer is not None:
+              eval_writer.write_scalars(done, ev)
+          throughput.read()  # eval time is not training throughput
+
+        if ckpt is not None:
+          last = done == cfg.train_steps
+          preempted = preemption is not None and preemption.should_stop(done)
+          if last or preempted or ckpt.should_save(done):
+            if pending is not None:
+              losses.append(_check_finite(*pending))
+              pending = None
+            data_state = (train_data.get_state()
+                          if hasattr(train_data, "get_state") else None)
+            ckpt.save(done, state, data_state, force=last or preempted)
+          if preempted:
+            say(f"Preempted: saved step {done}; exiting.")
+            stopped_early = True
+            break
+      if pending is not None:
+        losses.append(_check_finite(*pending))
+  finally:
+    if ckpt is not None:
+      ckpt.wait_until_finished()
+      ckpt.close()
+    if preemption is not None:
+      preemption.uninstall()
+    for w in (train_writer, eval_writer):
+      if w is not None:
+        w.flush()
+  return LoopResult(state=state, losses=losses, eval_history=eval_history,
+                    stopped_early=stopped_early)

@@ -1,0 +1,216 @@
+"""Training metrics: MoE layer statistics, throughput/MFU, and writers.
+
+MoE layers sow unweighted statistics into the ``intermediates`` collection
+(names in ``moe_jax.layers.moe_config.METRIC_NAMES``). :func:`moe_metrics`
+turns that tree into flat scalars named ``moe/<layer path>/<metric>``;
+``expert_load`` (``<float>[num_experts]``, fractions summing to 1) becomes
+``expert_load_max`` = ``num_experts * max(load)`` (1.0 means perfectly
+balanced, ``num_experts`` means one expert took everything).
+
+Writers are clu metric writers: TensorBoard event files in
+``MODEL_DIR/train`` and ``MODEL_DIR/eval`` (T5X's layout) plus console lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moe_jax.layers import moe_config
+
+logger = logging.getLogger("moe_jax.train")
+
+_SCALAR_MOE = (moe_config.AUX_LOSS, moe_config.Z_LOSS,
+               moe_config.DROPPED_FRACTION, moe_config.ROUTER_CONFIDENCE)
+
+
+def _path_names(path) -> list[str]:
+  out = []
+  for k in path:
+    for attr in ("key", "name"):
+      if hasattr(k, attr):
+        out.append(str(getattr(k, attr)))
+        break
+    # Sequence indices (sow tuples) are dropped from the name.
+  return out
+
+
+def moe_metrics(intermediates: Any) -> dict[str, jax.Array]:
+  """Flat per-layer MoE scalars from a model's ``intermediates`` tree.
+
+  Args:
+    intermediates: the ``intermediates`` collection (nested dicts; sown
+      values are tuples of arrays, possibly stacked over scanned layers).
+
+  Returns:
+    ``{"moe/<layer>/<metric>": <float32>[]}`` and, over all layers,
+    ``moe/mean/<metric>``.
+  """
+  out: dict[str, jax.Array] = {}
+  per_metric: dict[str, list[jax.Array]] = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(intermediates)[0]:
+    names = _path_names(path)
+    if not names or names[-1] not in moe_config.METRIC_NAMES:
+      continue
+    metric = names[-1]
+    layer = "/".join(names[:-1]) or "moe"
+    leaf = jnp.asarray(leaf, jnp.float32)
+    if metric == moe_config.EXPERT_LOAD:
+      num_experts = leaf.shape[-1]
+      metric = "expert_load_max"
+      value = num_experts * jnp.max(leaf, axis=-1).mean()
+    else:
+      value = leaf.mean()
+    key = f"moe/{layer}/{metric}"
+    if key in out:  # a layer called twice: average its tuple entries
+      value = (out[key] + value) / 2
+    out[key] = value
+    per_metric.setdefault(metric, []).append(value)
+  for metric, values in per_metric.items():
+    out[f"moe/mean/{metric}"] = jnp.mean(jnp.stack(values))
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Throughput and MFU
+# ----------------------------------------------------------------------------
+def count_params(params: Any) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+def active_params(params: Any, num_experts: int = 1,
+                  num_selected_experts: int = 1) -> int:
+  """Parameters a token passes through: expert weights count ``k/E``.
+
+  A leaf is an expert weight when its path contains ``expert`` (the
+  ``moe_jax`` naming) and its leading dimension equals ``num_experts``.
+  """
+  total = 0.0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    names = "/".join(_path_names(path)).lower()
+    size = float(np.prod(leaf.shape))
+    if (num_experts > 1 and "expert" in names and leaf.ndim >= 3
+        and leaf.shape[0] == num_experts):
+      size *= num_selected_experts / num_experts
+    total += size
+  return int(total)
+
+
+def train_flops_per_token(active_param_count: int) -> float:
+  """``6 * N`` model FLOPs per trained token (forward 2N + backward 4N).
+
+  Attention's sequence-length term is omitted (small at T5 lengths); the
+  estimate is the usual one in MFU reports.
+  """
+  return 6.0 * active_param_count
+
+
+def measure_matmul_peak(n: int = 1024, dtype=jnp.float32, repeats: int = 5) -> float:
+  """Measured FLOP/s of a large ``jnp.dot`` on the default device."""
+  key = jax.random.PRNGKey(0)
+  a = jax.random.normal(key, (n, n), dtype)
+  b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), dtype)
+  f = jax.jit(jnp.dot)
+  f(a, b).block_until_ready()
+  best = math.inf
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2.0 * n ** 3 / best
+
+
+class Throughput:
+  """Tokens/s, step time and MFU from wall-clock time between log points."""
+
+  def __init__(self, flops_per_token: float, peak_flops: Optional[float]):
+    self.flops_per_token = flops_per_token
+    self.peak_flops = peak_flops
+    self._t = time.perf_counter()
+    self._tokens = 0
+    self._steps = 0
+
+  def add(self, tokens: int, steps: int = 1):
+    self._tokens += tokens
+    self._steps += steps
+
+  def read(self) -> dict[str, float]:
+    """Returns the rates since the last call and resets the window."""
+    now = time.perf_counter()
+    dt = max(now - self._t, 1e-9)
+    out = {}
+    if self._steps:
+      out["timing/steps_per_sec"] = self._steps / dt
+      out["timing/step_time_ms"] = 1000.0 * dt / self._steps
+      out["timing/tokens_per_sec"] = self._tokens / dt
+      if self.peak_flops:
+        out["timing/mfu"] = (self._tokens * self.flops_per_token / dt
+                             / self.peak_flops)
+    self._t, self._tokens, self._steps = now, 0, 0
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Writers and console lines
+# ----------------------------------------------------------------------------
+def create_writers(model_dir: Optional[str], is_primary: bool = True):
+  """``(train_writer, eval_writer)``: clu writers for MODEL_DIR/{train,eval}.
+
+  Only the primary process writes event files; others get logging-only
+  writers that stay silent.
+  """
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  if not model_dir or not is_primary:
+    return metric_writers.MultiWriter([]), metric_writers.MultiWriter([])
+  writers = []
+  for sub in ("train", "eval"):
+    path = os.path.join(model_dir, sub)
+    os.makedirs(path, exist_ok=True)
+    writers.append(metric_writers.AsyncWriter(metric_writers.SummaryWriter(path)))
+  return tuple(writers)
+
+
+def to_host(metrics: Mapping[str, Any]) -> dict[str, float]:
+  return {k: float(np.asarray(jax.device_get(v))) for k, v in metrics.items()}
+
+
+def format_console(step: int, metrics: Mapping[str, float], prefix: str = "train") -> str:
+  """One compact line: headline numbers first, then MoE means, then layers."""
+  parts = [f"[{prefix}] step {step:>6d}"]
+  heads = (("loss", "loss {:.4f}"), ("cross_entropy", "ce {:.4f}"),
+           ("accuracy", "acc {:.3f}"), ("learning_rate", "lr {:.3g}"),
+           ("grad_norm", "gnorm {:.3g}"),
+           ("timing/tokens_per_sec", "tok/s {:,.0f}"),
+           ("timing/step_time_ms", "step {:.1f}ms"),
+           ("timing/mfu", "mfu {:.2%}"))
+  for key, fmt in heads:
+    if key in metrics:
+      parts.append(fmt.format(metrics[key]))
+  short = {"aux_loss": "aux", "z_loss": "rz", "dropped_fraction": "drop",
+           "expert_load_max": "load_max", "router_confidence": "conf"}
+  moe_mean = [f"{short.get(k.split('/')[-1], k)} {v:.3g}"
+              for k, v in sorted(metrics.items()) if k.startswith("moe/mean/")]
+  if moe_mean:
+    parts.append("| moe " + " ".join(moe_mean))
+  return "  ".join(parts)
+
+
+def format_moe_layers(metrics: Mapping[str, float]) -> list[str]:
+  """One console line per MoE layer."""
+  layers: dict[str, dict[str, float]] = {}
+  for k, v in metrics.items():
+    if k.startswith("moe/") and not k.startswith("moe/mean/"):
+      layer, metric = k[len("moe/"):].rsplit("/", 1)
+      layers.setdefault(layer, {})[metric] = v
+  lines = []
+  for layer in sorted(layers):
+    vals = " ".join(f"{m}={v:.3g}" for m, v in sorted(layers[layer].items()))
+    lines.append(f"    {layer}: {vals}")
+  return lines
