@@ -19,6 +19,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moe_jax import partitioning
+from moe_jax.models import losses
 from moe_jax.training import metrics as metrics_lib
 from moe_jax.training import train_state as train_state_lib
 
@@ -32,12 +33,13 @@ class LossConfig:
   Attributes:
     z_loss: output (logit) z-loss factor (T5X: 1e-4).
     aux_loss_factor: Switch load-balancing loss factor (ST-MoE: 1e-2).
-    router_z_loss_factor: router z-loss factor (ST-MoE: 1e-3).
+    router_z_loss_factor: router z-loss factor (default 0, as in Switch; ST-MoE uses 1e-3).
+      Both MoE losses are SUMMED over MoE layers (see moe_jax/models/losses.py).
     label_smoothing: cross-entropy label smoothing.
   """
   z_loss: float = 1e-4
   aux_loss_factor: float = 1e-2
-  router_z_loss_factor: float = 1e-3
+  router_z_loss_factor: float = 0.0
   label_smoothing: float = 0.0
 
 
@@ -68,23 +70,14 @@ def token_losses(logits: jax.Array, targets: jax.Array, weights: jax.Array,
   Returns:
     ``cross_entropy_sum``, ``z_loss_sum``, ``correct_sum``, ``num_tokens``.
   """
-  logits = logits.astype(jnp.float32)
-  vocab = logits.shape[-1]
-  log_z = jax.nn.logsumexp(logits, axis=-1)
-  if cfg.label_smoothing:
-    confidence = 1.0 - cfg.label_smoothing
-    low = cfg.label_smoothing / (vocab - 1)
-    soft = jax.nn.one_hot(targets, vocab) * (confidence - low) + low
-    ce = -jnp.sum(soft * (logits - log_z[..., None]), axis=-1)
-    # Subtract the entropy of the smoothed labels so that 0 is the optimum.
-    ce = ce + (confidence * jnp.log(confidence) + (vocab - 1) * low * jnp.log(low + 1e-20))
-  else:
-    ce = log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  per_token, z_term = losses.token_cross_entropy(
+      logits, targets, cfg.label_smoothing, cfg.z_loss)
+  ce = per_token - z_term
   weights = weights.astype(jnp.float32)
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
   return {
       "cross_entropy_sum": jnp.sum(ce * weights),
-      "z_loss_sum": cfg.z_loss * jnp.sum(jnp.square(log_z) * weights),
+      "z_loss_sum": jnp.sum(z_term * weights),
       "correct_sum": jnp.sum(correct * weights),
       "num_tokens": jnp.sum(weights),
   }
