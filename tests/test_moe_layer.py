@@ -221,3 +221,17 @@ def test_bad_inputs_raise_with_fix():
   with partitioning.with_sharding(mesh, partitioning.standard_logical_rules()):
     with pytest.raises(ValueError, match="not divisible by the 'expert' mesh axis size 4"):
       jax.eval_shape(layer.init, jax.random.key(0), x)
+
+
+def test_decode_never_drops_by_default():
+  # 8 sequences x 1 token, all preferring the same expert: eval capacity drops
+  # some, decode mode (capacity = tokens per group) drops none.
+  layer = make(capacity_factor_eval=0.5, min_expert_capacity=1, group_size=64)
+  x = jnp.tile(x_input(1, 1), (8, 1, 1))
+  params = nn.unbox(layer.init(jax.random.key(1), x))
+  _, st = layer.apply(params, x, mutable=["intermediates"])
+  assert float(st["intermediates"]["dropped_fraction"][0]) > 0
+  y, st = layer.apply(params, x, decode=True, mutable=["intermediates"])
+  assert float(st["intermediates"]["dropped_fraction"][0]) == 0
+  big = make(capacity_factor_eval=100.0, group_size=64)
+  np.testing.assert_allclose(y, big.apply(params, x), rtol=1e-6)

@@ -166,7 +166,8 @@ class MoeLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, padding_mask: Optional[Array] = None, *,
-               deterministic: bool = True, causal: bool = False) -> Array:
+               deterministic: bool = True, causal: bool = False,
+               decode: bool = False) -> Array:
     """Applies the layer.
 
     Args:
@@ -175,6 +176,8 @@ class MoeLayer(nn.Module):
         takes no expert capacity and does not count in losses or metrics.
       deterministic: eval mode (eval capacity factor, no noise, no dropout).
       causal: the layer sits in a causal decoder (experts-choose refused).
+      decode: autoregressive decoding with a KV cache: capacity comes from
+        ``capacity_factor_decode`` (default: no drops at all).
 
     Returns:
       <float>[batch, length, embed] in ``dtype``.
@@ -218,6 +221,10 @@ class MoeLayer(nn.Module):
     factor = c.capacity_factor_eval if deterministic else c.capacity_factor_train
     capacity = routing.expert_capacity(s, c.num_experts, c.num_selected_experts,
                                        factor, c.min_expert_capacity)
+    if decode:
+      capacity = (s if c.capacity_factor_decode is None else routing.expert_capacity(
+          s, c.num_experts, c.num_selected_experts, c.capacity_factor_decode,
+          c.min_expert_capacity))
     train = not deterministic
     needs_rng = c.router_type == "tokens_choose" and (
         c.priority == "random" or (c.num_expert_clusters and c.cluster_expert_dropout_rate > 0))

@@ -34,6 +34,11 @@ class MoeConfig:
     d_ff: hidden size of each expert MLP.
     router_type: ``"tokens_choose"`` or ``"experts_choose"``.
     capacity_factor_train / capacity_factor_eval: see module docstring.
+    capacity_factor_decode: capacity factor for autoregressive decoding
+      (``MoeLayer(decode=True)``). ``None`` (default) means no token is ever
+      dropped while decoding (capacity = tokens per group): a decode step
+      routes one token per sequence, so a batch's tokens would otherwise
+      compete for capacity and outputs would depend on batch composition.
     min_expert_capacity: lower bound on the per-group capacity.
     group_size: target tokens per group. The layer uses the smallest group
       count that is a multiple of the batch-sharding devices and gives groups
@@ -78,6 +83,7 @@ class MoeConfig:
   router_type: str = "tokens_choose"
   capacity_factor_train: float = 1.25
   capacity_factor_eval: float = 2.0
+  capacity_factor_decode: Optional[float] = None
   min_expert_capacity: int = 4
   group_size: int = 4096
   priority: str = "position"

@@ -98,7 +98,8 @@ class TransformerLayer(nn.Module):
     moe_cfg = dataclasses.replace(cfg.moe, num_experts=self.num_experts)
     y = MoeLayer(config=moe_cfg, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
                  name="moe")(h, padding_mask=padding_mask,
-                             deterministic=self.deterministic, causal=self.causal)
+                             deterministic=self.deterministic, causal=self.causal,
+                             decode=self.decode)
     if self.layout.residual:
       dense = mlp("mlp")(h, deterministic=self.deterministic)
       gate_logits = DenseGeneral(2, kernel_axes=("embed", "unmodeled"),

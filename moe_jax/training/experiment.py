@@ -50,6 +50,7 @@ class Experiment:
   data_seed: int = 0
   measure_peak_flops: bool = True
   tensorboard: bool = True
+  decode_eval: bool = False
 
   # -- smoke ------------------------------------------------------------------
   def _jitted_step(self, shardings):
@@ -99,6 +100,16 @@ class Experiment:
           self.mixture_or_task_name, self.task_feature_lengths, self.batch_size,
           model_type=self.model_type, max_examples=max_examples)
       eval_data = lambda: (b for ev in evals.values() for b, _ in ev.batches())
+    decode_eval_fn = None
+    if cfg.eval_period and self.decode_eval and self.model_type == "encdec":
+      # The same decode-and-score path as moe-eval (BLEU/chrF/accuracy).
+      from moe_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
+      max_examples = None if cfg.eval_steps is None else cfg.eval_steps * self.batch_size
+      decode_eval_fn = evaluator.make_training_eval_fn(
+          self.model, self.mesh, self.rules, self.mixture_or_task_name,
+          self.task_feature_lengths, self.batch_size, max_examples=max_examples,
+          output_dir=(os.path.join(self.model_dir, "eval_decode")
+                      if self.model_dir else None))
 
     abstract, _ = train_state.state_shardings(self.model, self.tx, self.mesh,
                                               self.rules, self.batch_shapes)
@@ -121,7 +132,7 @@ class Experiment:
         cfg, loss_cfg=self.loss_config, schedule=self.schedule, eval_data=eval_data,
         model_dir=self.model_dir, initial_checkpoint_path=self.initial_checkpoint_path,
         writers=writers, flops_per_token=metrics.train_flops_per_token(active),
-        peak_flops=peak, log_fn=log_fn)
+        peak_flops=peak, log_fn=log_fn, decode_eval_fn=decode_eval_fn)
 
 
 def validate(model_config, mesh, batch_size: int, num_microbatches: int) -> None:
@@ -181,13 +192,15 @@ def build_experiment(
     schedule: Optional[optax.Schedule] = None,
     loss_config: Optional[train_step.LossConfig] = None,
     measure_peak_flops: bool = True,
-    tensorboard: bool = True) -> Experiment:
+    tensorboard: bool = True,
+    decode_eval: bool = False) -> Experiment:
   """Validates the settings against the devices and assembles the run.
 
   Args mirror T5X's run macros (``MODEL_DIR``, ``TRAIN_STEPS``, ...);
   ``mesh_shape`` / ``dcn_mesh_shape`` are ``{'data', 'fsdp', 'expert',
   'model'}`` sizes (one ``-1`` allowed). ``optimizer`` defaults to T5's
-  Adafactor on ``schedule`` (default rsqrt).
+  Adafactor on ``schedule`` (default rsqrt). ``decode_eval`` adds, at every
+  eval, the decode-and-score evaluation of ``moe-eval`` (BLEU, chrF, ...).
 
   Raises:
     ConfigError: mesh sizes that do not match the devices, a batch that does
@@ -227,4 +240,5 @@ def build_experiment(
       mixture_or_task_name=mixture_or_task_name, model_type=model_type,
       model_dir=model_dir, initial_checkpoint_path=initial_checkpoint_path,
       pack=pack, data_seed=seed if data_seed is None else data_seed,
+      decode_eval=decode_eval,
       measure_peak_flops=measure_peak_flops, tensorboard=tensorboard)

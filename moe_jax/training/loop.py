@@ -165,7 +165,9 @@ def train(model: nn.Module,
           writers=None,
           flops_per_token: Optional[float] = None,
           peak_flops: Optional[float] = None,
-          log_fn: Callable[[str], None] = print) -> LoopResult:
+          log_fn: Callable[[str], None] = print,
+          decode_eval_fn: Optional[Callable[[int, Any], Mapping[str, float]]] = None
+          ) -> LoopResult:
   """Runs training to ``cfg.train_steps`` (resuming from MODEL_DIR if saved).
 
   Args:
@@ -257,6 +259,8 @@ def train(model: nn.Module,
 
         if cfg.eval_period and eval_data is not None and done % cfg.eval_period == 0:
           ev = evaluate(eval_fn, state.params, eval_data(), mesh, rules, cfg.eval_steps)
+          if decode_eval_fn is not None:
+            ev = dict(ev or {}, **decode_eval_fn(done, state.params))
           eval_history.append((done, ev))
           if ev:
             say(metrics_lib.format_console(done, ev, prefix="eval"))

@@ -193,6 +193,10 @@ def format_console(step: int, metrics: Mapping[str, float], prefix: str = "train
   for key, fmt in heads:
     if key in metrics:
       parts.append(fmt.format(metrics[key]))
+  for metric in ("bleu", "chrf"):  # decode-and-score eval: mean over tasks
+    values = [v for k, v in metrics.items() if k.endswith("/" + metric)]
+    if values:
+      parts.append(f"{metric} {sum(values) / len(values):.1f}")
   short = {"aux_loss": "aux", "z_loss": "rz", "dropped_fraction": "drop",
            "expert_load_max": "load_max", "router_confidence": "conf"}
   moe_mean = [f"{short.get(k.split('/')[-1], k)} {v:.3g}"
