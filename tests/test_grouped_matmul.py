@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from np_reference import gelu_tanh as np_gelu
 
 from moe_jax.layers import blocked_ffn
 from moe_jax.layers import grouped_matmul as gmm
@@ -54,9 +55,6 @@ def test_grouped_matmul_matches_numpy(counts, block, backend):
   used = group_of_row >= 0
   np.testing.assert_allclose(np.asarray(da)[used], ref_da[used], rtol=1e-4, atol=1e-4)
 
-
-def np_gelu(x):
-  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
 
 
 @pytest.mark.parametrize("counts", [[3, 0, 6], [1, 1, 1]])

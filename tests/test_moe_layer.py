@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from np_reference import gelu_tanh as np_gelu, softmax as np_softmax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moe_jax import partitioning
@@ -13,14 +14,6 @@ from moe_jax.layers.moe import MoeConfig, MoeLayer, choose_num_groups
 D, F, E = 16, 32, 8
 
 
-def np_gelu(x):
-  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
-
-
-def np_softmax(x):
-  x = x - x.max(-1, keepdims=True)
-  e = np.exp(x)
-  return e / e.sum(-1, keepdims=True)
 
 
 def make(**kw):

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from np_reference import gelu_tanh as np_gelu, softmax as np_softmax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moe_jax import partitioning
@@ -30,14 +31,6 @@ def x_input(b=8, l=8, seed=0):
   return jax.random.normal(jax.random.key(seed), (b, l, D), jnp.float32)
 
 
-def np_gelu(x):
-  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
-
-
-def np_softmax(x):
-  x = x - x.max(-1, keepdims=True)
-  e = np.exp(x)
-  return e / e.sum(-1, keepdims=True)
 
 
 def test_output_mask_formula():

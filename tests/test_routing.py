@@ -6,15 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from np_reference import softmax as np_softmax
 
 from moe_jax.layers import routing
 from moe_jax.layers.moe_config import MoeConfig
 
-
-def np_softmax(x):
-  x = x - x.max(-1, keepdims=True)
-  e = np.exp(x)
-  return e / e.sum(-1, keepdims=True)
 
 
 def np_tokens_choose(logits, mask, k, capacity, priority, renormalize):
