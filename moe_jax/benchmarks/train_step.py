@@ -5,7 +5,8 @@
 
 The Switch model replaces every other MLP with a top-1 MoE whose experts are
 as wide as the dense MLP, so a token does the same matmul work in both (plus
-the router). Reports per model the median step time, tokens/s and model
+the router). Steps of the two models are interleaved, so load on a shared
+machine hits both alike. Reports per model the median step time, tokens/s and model
 FLOPs utilization (``6 * active params`` per token) against the peak of a
 large ``jnp.dot`` measured in the same process, and the MoE/dense step-time
 ratio.
@@ -40,9 +41,10 @@ def _configs(args):
   return {"dense": dense, "switch": switch}
 
 
-def bench_one(name, config, args, mesh, peak):
+def prepare(name, config, args, mesh):
+  """Builds, initializes and compiles one model's train step (first step run)."""
   from moe_jax import models, partitioning  # pylint: disable=g-import-not-at-top
-  from moe_jax.training import metrics, optimizers, train_state, train_step  # pylint: disable=g-import-not-at-top
+  from moe_jax.training import optimizers, train_state, train_step  # pylint: disable=g-import-not-at-top
   model = models.build_model(config)
   rules = partitioning.standard_logical_rules()
   tx = optimizers.make_optimizer("adafactor", optimizers.make_schedule("constant", 1e-3, 0))
@@ -55,33 +57,46 @@ def bench_one(name, config, args, mesh, peak):
   batch = {k: rng.integers(1, config.vocab_size, v.shape).astype(np.int32)
            for k, v in shapes.items()}
   batch["decoder_loss_weights"] = np.ones_like(batch["decoder_loss_weights"])
-  times = []
   with partitioning.with_sharding(mesh, rules):
     batch = jax.device_put(batch, train_step.batch_sharding(mesh))
     t0 = time.perf_counter()
     state, m = step(state, batch)
     jax.block_until_ready(m["loss"])
-    compile_s = time.perf_counter() - t0
-    for _ in range(args.steps):
-      t0 = time.perf_counter()
-      state, m = step(state, batch)
-      jax.block_until_ready(m["loss"])
-      times.append(time.perf_counter() - t0)
-  moe = config.moe
-  active = metrics.active_params(state.params, moe.num_experts if moe else 1, 1)
+  run = {"name": name, "config": config, "step": step, "state": state,
+         "batch": batch, "mesh": mesh, "rules": rules, "times": [],
+         "compile_s": time.perf_counter() - t0, "metrics": m}
+  return run
+
+
+def time_step(run):
+  """One timed step; the state is carried (donated) from step to step."""
+  from moe_jax import partitioning  # pylint: disable=g-import-not-at-top
+  with partitioning.with_sharding(run["mesh"], run["rules"]):
+    t0 = time.perf_counter()
+    run["state"], run["metrics"] = run["step"](run["state"], run["batch"])
+    jax.block_until_ready(run["metrics"]["loss"])
+    run["times"].append(time.perf_counter() - t0)
+
+
+def summarize(run, args, peak):
+  from moe_jax.training import metrics  # pylint: disable=g-import-not-at-top
+  moe = run["config"].moe
+  params = run["state"].params
+  active = metrics.active_params(params, moe.num_experts if moe else 1, 1)
+  times = run["times"]
   step_s = statistics.median(times)
   tokens = args.batch * args.length   # decoder target tokens per step
   flops = metrics.train_flops_per_token(active) * tokens
   return {
-      "model": name,
-      "params": metrics.count_params(state.params),
+      "model": run["name"],
+      "params": metrics.count_params(params),
       "active_params": active,
       "step_time_ms": 1000 * step_s,
       "step_time_ms_min": 1000 * min(times),
       "tokens_per_sec": tokens / step_s,
       "mfu": flops / step_s / peak,
-      "first_step_s": compile_s,
-      "loss": float(m["loss"]),
+      "first_step_s": run["compile_s"],
+      "loss": float(run["metrics"]["loss"]),
   }
 
 
@@ -108,8 +123,11 @@ def main(argv=None):
   if args.batch % mesh.size:
     p.error(f"--batch={args.batch} must be a multiple of the {mesh.size} devices.")
   peak = metrics.measure_matmul_peak(args.peak_matmul_size, jnp.dtype(args.dtype))
-  results = {name: bench_one(name, cfg, args, mesh, peak)
-             for name, cfg in _configs(args).items()}
+  runs = {name: prepare(name, cfg, args, mesh) for name, cfg in _configs(args).items()}
+  for _ in range(args.steps):  # interleaved, so machine noise hits both alike
+    for run in runs.values():
+      time_step(run)
+  results = {name: summarize(run, args, peak) for name, run in runs.items()}
   out = {
       "benchmark": "train_step",
       "device": str(jax.devices()[0].device_kind),
