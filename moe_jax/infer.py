@@ -110,13 +110,10 @@ def run(gin_files: Sequence[str], bindings: Sequence[str] = (),
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
-  try:
+  def go():
     args = train_bin.parse_flags(argv)
     print(run(args.gin_file, args.bindings, args.gin_search_paths))
-  except (train_bin.UsageError, FileNotFoundError) as e:
-    print(f"moe-infer: error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  return train_bin.run_cli("moe-infer", go)
 
 
 def console_main() -> None:

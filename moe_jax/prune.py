@@ -139,12 +139,8 @@ def run(args: argparse.Namespace, log_fn=print) -> list[dict]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
-  try:
-    run(parse_args(argv))
-  except (train_bin.UsageError, ValueError, FileNotFoundError) as e:
-    print(f"moe-prune: error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  return train_bin.run_cli("moe-prune", lambda: run(parse_args(argv)),
+                           errors=(ValueError, FileNotFoundError))
 
 
 def console_main() -> None:

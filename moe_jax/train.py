@@ -29,7 +29,7 @@ import importlib
 import logging
 import os
 import sys
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import gin
 
@@ -98,6 +98,17 @@ def _gin_value(raw: str) -> str:
     return text
   except (ValueError, SyntaxError):
     return repr(text)
+
+
+def run_cli(prog: str, fn: Callable[[], Any],
+            errors: tuple = (UsageError, FileNotFoundError)) -> int:
+  """Runs ``fn``; a usage error prints ``prog: error: ...`` and gives exit code 2."""
+  try:
+    fn()
+  except errors as e:
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    return 2
+  return 0
 
 
 def parse_flags(argv: Sequence[str]) -> argparse.Namespace:

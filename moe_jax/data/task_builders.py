@@ -93,52 +93,44 @@ def unsupervised_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Featu
           "targets": seqio.Feature(vocabulary, add_eos=True)}
 
 
+def _text_objective_task(name: str, source: seqio.DataSource,
+                         vocabulary: seqio.Vocabulary, text_key: str, objective,
+                         targets_only: bool = False) -> seqio.Task:
+  """Raw text -> tokens -> (cache) -> a T5 objective preprocessor."""
+  preprocessors = [_rekey_text(text_key), seqio.preprocessors.tokenize,
+                   seqio.CacheDatasetPlaceholder(), objective]
+  if targets_only:
+    features = {"targets": seqio.Feature(vocabulary, add_eos=True)}
+  else:
+    preprocessors.append(seqio.preprocessors.append_eos_after_trim)
+    features = unsupervised_features(vocabulary)
+  return add_task(name, source=source, preprocessors=preprocessors,
+                  output_features=features, metric_fns=[])
+
+
 def add_span_corruption_task(name: str, source: seqio.DataSource,
                              vocabulary: seqio.Vocabulary,
                              text_key: str = "text") -> seqio.Task:
   """T5 span corruption (noise density 0.15, mean span length 3) of raw text."""
-  return add_task(
-      name, source=source,
-      preprocessors=[
-          _rekey_text(text_key),
-          seqio.preprocessors.tokenize,
-          seqio.CacheDatasetPlaceholder(),
-          t5_preprocessors.span_corruption,
-          seqio.preprocessors.append_eos_after_trim,
-      ],
-      output_features=unsupervised_features(vocabulary), metric_fns=[])
+  return _text_objective_task(name, source, vocabulary, text_key,
+                              t5_preprocessors.span_corruption)
 
 
 def add_prefix_lm_task(name: str, source: seqio.DataSource,
                        vocabulary: seqio.Vocabulary,
                        text_key: str = "text") -> seqio.Task:
   """T5's prefix-LM objective: split each text into (inputs, targets)."""
-  return add_task(
-      name, source=source,
-      preprocessors=[
-          _rekey_text(text_key),
-          seqio.preprocessors.tokenize,
-          seqio.CacheDatasetPlaceholder(),
-          t5_preprocessors.prefix_lm,
-          seqio.preprocessors.append_eos_after_trim,
-      ],
-      output_features=unsupervised_features(vocabulary), metric_fns=[])
+  return _text_objective_task(name, source, vocabulary, text_key,
+                              t5_preprocessors.prefix_lm)
 
 
 def add_causal_lm_task(name: str, source: seqio.DataSource,
                        vocabulary: seqio.Vocabulary,
                        text_key: str = "text") -> seqio.Task:
   """Plain left-to-right LM on targets only (T5's ``full_lm``), for decoders."""
-  return add_task(
-      name, source=source,
-      preprocessors=[
-          _rekey_text(text_key),
-          seqio.preprocessors.tokenize,
-          seqio.CacheDatasetPlaceholder(),
-          t5_preprocessors.full_lm,
-      ],
-      output_features={"targets": seqio.Feature(vocabulary, add_eos=True)},
-      metric_fns=[])
+  return _text_objective_task(name, source, vocabulary, text_key,
+                              t5_preprocessors.full_lm, targets_only=True)
+
 
 
 def add_mixture(name: str, tasks, default_rate=None) -> seqio.Mixture:

@@ -34,10 +34,8 @@ def _block_ffn(x_blk, ws, activations, dropout_rate, key):
   *wis, wo = ws
   pre = [jnp.dot(x_blk, w, preferred_element_type=jnp.float32).astype(x_blk.dtype)
          for w in wis]
-  h = experts_lib.hidden_activation(pre, activations)
-  if dropout_rate > 0.0:
-    keep = jax.random.bernoulli(key, 1.0 - dropout_rate, h.shape)
-    h = jnp.where(keep, h / (1.0 - dropout_rate), 0.0).astype(h.dtype)
+  h = experts_lib.dropout(experts_lib.hidden_activation(pre, activations),
+                         dropout_rate, key)
   return jnp.dot(h, wo, preferred_element_type=jnp.float32).astype(x_blk.dtype)
 
 

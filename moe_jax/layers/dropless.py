@@ -33,7 +33,14 @@ from moe_jax.partitioning import BATCH_MESH_AXES
 Array = jax.Array
 
 
-def _local_expert_mlp(x, expert_index, expert_weight, weights, *, activations,
+def expert_weight_specs(weights: dict) -> dict:
+  """shard_map specs of the stacked expert weights: experts over 'expert',
+  the hidden dimension over 'model'."""
+  return {name: (P("expert", "model", None) if name == "wo"
+                 else P("expert", None, "model")) for name in weights}
+
+
+def local_expert_mlp(x, expert_index, expert_weight, weights, *, activations,
                       num_experts_local, expert_offset, block, dropout_rate,
                       dropout_rng, backend):
   """Dropless MLP of the local experts for all the given tokens.
@@ -83,10 +90,8 @@ def _local_expert_mlp(x, expert_index, expert_weight, weights, *, activations,
   rows = x_pad[row_token]  # [M, D]
   pre = [gmm_lib.grouped_matmul(rows, w, layout, backend)
          for w in experts_lib.input_kernels(weights)]
-  h = experts_lib.hidden_activation(pre, activations)
-  if dropout_rate > 0.0 and dropout_rng is not None:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, h.shape)
-    h = jnp.where(keep, h / (1.0 - dropout_rate), 0.0).astype(h.dtype)
+  h = experts_lib.dropout(experts_lib.hidden_activation(pre, activations),
+                         dropout_rate, dropout_rng)
   out = gmm_lib.grouped_matmul(h, weights["wo"], layout, backend)  # [M, D]
   out = out * row_weight[:, None]
   y = jnp.zeros((t + 1, d), out.dtype).at[row_token].add(out)
@@ -112,7 +117,7 @@ def dropless_moe(x: Array, expert_index: Array, expert_weight: Array,
   kwargs = dict(activations=tuple(activations), block=block,
                 dropout_rate=dropout_rate, backend=backend)
   if mesh is None:
-    return _local_expert_mlp(x, expert_index, expert_weight, weights,
+    return local_expert_mlp(x, expert_index, expert_weight, weights,
                              num_experts_local=num_experts, expert_offset=0,
                              dropout_rng=dropout_rng, **kwargs)
   shape = dict(mesh.shape)
@@ -134,7 +139,7 @@ def dropless_moe(x: Array, expert_index: Array, expert_weight: Array,
       for axis in ("data", "fsdp", "expert", "model"):
         if shape.get(axis, 1) > 1:
           rng = jax.random.fold_in(rng, jax.lax.axis_index(axis))
-    y = _local_expert_mlp(x, idx, wt, weights, num_experts_local=e_local,
+    y = local_expert_mlp(x, idx, wt, weights, num_experts_local=e_local,
                           expert_offset=offset, dropout_rng=rng, **kwargs)
     if n_model > 1:
       y = jax.lax.psum(y, "model")
@@ -143,9 +148,7 @@ def dropless_moe(x: Array, expert_index: Array, expert_weight: Array,
     return y
 
   tok_spec = P(BATCH_MESH_AXES, None)
-  w_specs = {name: (P("expert", "model", None) if name == "wo"
-                    else P("expert", None, "model")) for name in weights}
   fn = jax.shard_map(body, mesh=mesh,
-                     in_specs=(tok_spec, tok_spec, tok_spec, w_specs),
+                     in_specs=(tok_spec, tok_spec, tok_spec, expert_weight_specs(weights)),
                      out_specs=tok_spec, check_vma=False)
   return fn(x, expert_index, expert_weight, weights)

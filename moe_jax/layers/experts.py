@@ -87,5 +87,13 @@ def hidden_activation(pre: Sequence[Array], activations: Sequence[str]) -> Array
   return h
 
 
+def dropout(h: Array, rate: float, key) -> Array:
+  """Inverted dropout on the expert hidden layer (no-op without a key or rate)."""
+  if rate <= 0.0 or key is None:
+    return h
+  keep = jax.random.bernoulli(key, 1.0 - rate, h.shape)
+  return jnp.where(keep, h / (1.0 - rate), 0.0).astype(h.dtype)
+
+
 def input_kernels(weights: dict[str, Array]) -> list[Array]:
   return [weights[k] for k in ("wi_0", "wi_1", "wi") if k in weights]

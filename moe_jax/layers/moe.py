@@ -142,9 +142,7 @@ def _capacity_moe(xg: Array, slot_token: Array, slot_weight: Array,
          for w in experts_lib.input_kernels(weights)]
   h = experts_lib.hidden_activation(pre, activations)
   h = nn.with_logical_constraint(h, ("expert", "expert_group", "length", "mlp"))
-  if dropout_rate > 0 and dropout_key is not None:
-    keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, h.shape)
-    h = jnp.where(keep, h / (1.0 - dropout_rate), 0.0).astype(h.dtype)
+  h = experts_lib.dropout(h, dropout_rate, dropout_key)
   out = jnp.einsum("egcf,efd->egcd", h, weights["wo"])
   out = nn.with_logical_constraint(out, ("expert", "expert_group", "length", "embed"))
   out = nn.with_logical_constraint(out, ("unmodeled", "batch", "length", "embed"))
@@ -226,13 +224,14 @@ class MoeLayer(nn.Module):
           s, c.num_experts, c.num_selected_experts, c.capacity_factor_decode,
           c.min_expert_capacity))
     train = not deterministic
-    needs_rng = c.router_type == "tokens_choose" and (
-        c.priority == "random" or (c.num_expert_clusters and c.cluster_expert_dropout_rate > 0))
+    # Random priority needs a key even in eval (a fixed one); cluster
+    # re-routing happens in training only.
+    reroutes = bool(c.num_expert_clusters) and c.cluster_expert_dropout_rate > 0
     rng = None
-    if needs_rng:
-      rng = self.make_rng("routing") if train else jax.random.key(0)
-      if not train:  # no re-routing in eval
-        rng = rng if c.priority == "random" else None
+    if c.router_type == "tokens_choose" and train and (c.priority == "random" or reroutes):
+      rng = self.make_rng("routing")
+    elif c.router_type == "tokens_choose" and c.priority == "random":
+      rng = jax.random.key(0)
     decision = routing.make_router(c).route(logits, mask, capacity, rng)
     self._sow_metrics(decision)
 

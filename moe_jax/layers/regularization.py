@@ -121,7 +121,7 @@ def local_expert_moe(x: Array, probs: Array, mask: Array, weights: dict, *, k: i
     if renormalize:
       gate = gate / jnp.maximum(jnp.sum(gate, axis=-1, keepdims=True), 1e-9)
     gate = gate * mask
-    y = dropless_lib._local_expert_mlp(  # pylint: disable=protected-access
+    y = dropless_lib.local_expert_mlp(
         x, idx.astype(jnp.int32), gate.astype(x.dtype), weights,
         activations=tuple(activations), num_experts_local=e_local,
         expert_offset=0, block=block, dropout_rate=0.0, dropout_rng=None,
@@ -133,7 +133,6 @@ def local_expert_moe(x: Array, probs: Array, mask: Array, weights: dict, *, k: i
   if mesh is None:
     return body(x, probs, mask, weights)
   tok = P(BATCH_MESH_AXES, None)
-  w_specs = {name: (P("expert", "model", None) if name == "wo"
-                    else P("expert", None, "model")) for name in weights}
-  return jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, w_specs),
+  return jax.shard_map(body, mesh=mesh,
+                       in_specs=(tok, tok, tok, dropless_lib.expert_weight_specs(weights)),
                        out_specs=tok, check_vma=False)(x, probs, mask, weights)
