@@ -1,0 +1,1 @@
+"""Reproducible research experiments (Multi30k comparisons of the docs)."""
