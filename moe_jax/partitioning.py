@@ -54,6 +54,9 @@ def standard_logical_rules(fsdp_params: bool = True) -> tuple[tuple[str, Any], .
   rules = [
       ("batch", BATCH_MESH_AXES),
       ("expert", "expert"),
+      # Bi-level routing (layers/bilevel.py): the outer expert level lives on
+      # the outermost (cross-host / dcn) mesh axis.
+      ("expert_outer", "data"),
       ("expert_group", ("data", "fsdp")),
       ("vocab", "model"),
       ("mlp", "model"),

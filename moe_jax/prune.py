@@ -105,7 +105,7 @@ def run(args: argparse.Namespace, log_fn=print) -> list[dict]:
   from moe_jax.evaluation import routing_stats as rs_lib  # pylint: disable=g-import-not-at-top
   gin_setup.parse(args.gin_file, args.bindings, args.gin_search_paths)
   config = gin_setup.model_config()
-  if config.moe is None:
+  if not config.has_moe:
     raise train_bin.UsageError("This model has no MoE layers; nothing to prune.")
   stats = rs_lib.RoutingStats.load_and_merge(args.stats)
   mesh, rules = gin_setup.mesh_and_rules({"data": -1, "fsdp": 1, "expert": 1, "model": 1})

@@ -61,6 +61,8 @@ def register_configurables() -> dict[str, Any]:
                     ("make_optimizer", optimizers.make_optimizer),
                     ("make_schedule", optimizers.make_schedule),
                     ("LossConfig", train_step.LossConfig),
+                    ("DistillationConfig", experiment.distillation_lib.DistillationConfig),
+                    ("ConditionalRoutingConfig", model_config.ConditionalRoutingConfig),
                     ("train", experiment.build_experiment)):
     _REGISTERED[name] = gin.external_configurable(obj, name=name)
   return _REGISTERED

@@ -161,9 +161,10 @@ def sparse_config_from_gin(dense_config) -> tuple[Any, Any]:
         activations=activations, **dims, **overrides)
   except (ValueError, TypeError) as e:
     raise UsageError(f"Bad MoE settings in the gin configuration: {e}") from e
-  if settings.moe is None:
+  if not settings.has_moe:
     raise UsageError(
-        "The gin configuration has no MoE settings (T5Config.moe). Add "
+        "The gin configuration has no MoE settings (T5Config.moe and sparse "
+        "layouts). Add "
         "--gin_file=runs/sparse_upcycle.gin or bind T5Config.moe = @MoeConfig() "
         "and the sparse layouts.")
   dense_config = dataclasses.replace(dense_config, activations=activations)
@@ -187,21 +188,38 @@ def model_gin(config) -> str:
            "# AFTER runs/sparse_upcycle.gin so these exact values win.",
            "MODEL_CONFIG = @T5Config()"]
   for f in dataclasses.fields(config):
-    if f.name in ("moe", "encoder_layout", "decoder_layout"):
+    if f.name in ("moe", "encoder_moe", "decoder_moe", "encoder_layout",
+                  "decoder_layout"):
       continue
     lines.append(f"T5Config.{f.name} = {getattr(config, f.name)!r}")
-  lines += ["T5Config.moe = @MoeConfig()",
-            "T5Config.encoder_layout = @encoder/SparseLayout()",
-            "T5Config.decoder_layout = @decoder/SparseLayout()",
-            f"NUM_EXPERTS = {config.moe.num_experts}",
-            "MoeConfig.num_experts = %NUM_EXPERTS"]
-  for f in dataclasses.fields(config.moe):
-    if f.name != "num_experts":
-      lines.append(f"MoeConfig.{f.name} = {getattr(config.moe, f.name)!r}")
+  for scope in ("encoder", "decoder"):  # per-stack MoE configs (scoped MoeConfig)
+    own = getattr(config, f"{scope}_moe")
+    lines.append(f"T5Config.{scope}_moe = "
+                 + ("None" if own is None else f"@{scope}/MoeConfig()"))
+    if own is not None:
+      lines += [f"{scope}/MoeConfig.{f.name} = {getattr(own, f.name)!r}"
+                for f in dataclasses.fields(own)]
+  lines += ["T5Config.encoder_layout = @encoder/SparseLayout()",
+            "T5Config.decoder_layout = @decoder/SparseLayout()"]
+  if config.moe is None:
+    lines.append("T5Config.moe = None")
+  else:
+    lines += ["T5Config.moe = @MoeConfig()",
+              f"NUM_EXPERTS = {config.moe.num_experts}",
+              "MoeConfig.num_experts = %NUM_EXPERTS"]
+    lines += [f"MoeConfig.{f.name} = {getattr(config.moe, f.name)!r}"
+              for f in dataclasses.fields(config.moe) if f.name != "num_experts"]
   for scope, layout in (("encoder", config.encoder_layout),
                         ("decoder", config.decoder_layout)):
     for f in dataclasses.fields(layout):
-      lines.append(f"{scope}/SparseLayout.{f.name} = {getattr(layout, f.name)!r}")
+      value = getattr(layout, f.name)
+      if dataclasses.is_dataclass(value):  # e.g. conditional_routing
+        name = type(value).__name__
+        lines.append(f"{scope}/SparseLayout.{f.name} = @{scope}/{name}()")
+        lines += [f"{scope}/{name}.{g.name} = {getattr(value, g.name)!r}"
+                  for g in dataclasses.fields(value)]
+      else:
+        lines.append(f"{scope}/SparseLayout.{f.name} = {value!r}")
   return "\n".join(lines) + "\n"
 
 
@@ -260,16 +278,18 @@ def upcycle(args: argparse.Namespace, log=print) -> int:
   except (formats.DenseFormatError, FileNotFoundError, KeyError, ValueError) as e:
     raise UsageError(f"Cannot read the dense checkpoint: {e}") from e
   dense_config, sparse_config = sparse_config_from_gin(ckpt.config)
+  expert_counts = [m.num_experts for m in sparse_config.moe_configs()]
+  num_experts = expert_counts[0] if len(set(expert_counts)) == 1 else expert_counts
   log(f"moe-upcycle: dense T5 ({ckpt.format}, step {ckpt.step}): d_model "
       f"{dense_config.d_model}, d_ff {dense_config.d_ff}, layers "
       f"{dense_config.num_encoder_layers}+{dense_config.num_decoder_layers}; MoE "
       f"layers encoder {sparse_config.encoder_layout.sparse_layers(sparse_config.num_encoder_layers)}"
       f" decoder {sparse_config.decoder_layout.sparse_layers(sparse_config.num_decoder_layers)}"
-      f", {sparse_config.moe.num_experts} experts.")
+      f", {num_experts} experts.")
 
   n_dev = jax.device_count()
   shape = (partitioning.parse_mesh_spec(args.mesh) if args.mesh
-           else default_mesh_shape(sparse_config.moe.num_experts, n_dev))
+           else default_mesh_shape(math.gcd(*expert_counts), n_dev))
   try:
     mesh = partitioning.make_mesh(shape)
   except ValueError as e:
@@ -303,7 +323,7 @@ def upcycle(args: argparse.Namespace, log=print) -> int:
           "format": ckpt.format, "step": ckpt.step,
           "router_init": args.router_init, "expert_noise": args.expert_noise,
           "optimizer_state": args.optimizer_state, "mesh": dict(mesh.shape),
-          "num_experts": sparse_config.moe.num_experts,
+          "num_experts": num_experts,
           "sparse_layers": {
               "encoder": list(sparse_config.encoder_layout.sparse_layers(
                   sparse_config.num_encoder_layers)),

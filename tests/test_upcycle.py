@@ -195,8 +195,12 @@ def test_exactness_rules_and_verdicts():
   assert not upcycling.exact_expected(_sparse_config(k=2, renormalize=False))[0]
   assert upcycling.exact_expected(_sparse_config(k=4, renormalize=False))[0]
   ec = _sparse_config()
-  ec = dataclasses.replace(ec, moe=dataclasses.replace(ec.moe, router_type="experts_choose"))
-  assert upcycling.exact_expected(ec)[0]
+  ec = dataclasses.replace(ec, encoder_moe=dataclasses.replace(ec.moe,
+                                                              router_type="experts_choose"))
+  assert upcycling.exact_expected(ec)[0]  # experts-choose encoder, top-2 decoder
+  ec_k1 = dataclasses.replace(ec, moe=dataclasses.replace(ec.moe, num_selected_experts=1,
+                                                          renormalize_top_k=False))
+  assert not upcycling.exact_expected(ec_k1)[0]  # every stack must be exact
   ok = upcycling.VerifyResult(1e-6, 0.5, 3.0, True, "r", 3e-4)
   assert ok.passed and "verify PASS" in ok.summary()
   bad = dataclasses.replace(ok, max_abs_diff=1e-2)

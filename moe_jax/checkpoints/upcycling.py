@@ -70,12 +70,20 @@ def check_configs(dense: T5Config, sparse: T5Config) -> None:
                        f"{sparse.activations}.")
   if dense.decoder_only or sparse.decoder_only:
     raise UpcycleError("Upcycling supports encoder-decoder T5 models only.")
-  moe = sparse.moe
-  if moe is None or not (sparse.encoder_layout.sparse_layers(sparse.num_encoder_layers)
-                         or sparse.decoder_layout.sparse_layers(sparse.num_decoder_layers)):
+  if not sparse.has_moe:
     raise UpcycleError(
         "The sparse config has no MoE layer: bind T5Config.moe = @MoeConfig() and "
         "sparse layouts (see gin_configs/runs/sparse_upcycle.gin).")
+  for moe in sparse.moe_configs():  # each sparse stack's config (T5Config.stack_moe)
+    _check_moe(dense, moe)
+
+
+def _check_moe(dense: T5Config, moe) -> None:
+  if moe.shared_core_rank:
+    raise UpcycleError(
+        f"MoeConfig.shared_core_rank = {moe.shared_core_rank}: upcycling is not "
+        "supported with shared_core_rank > 0 (it copies the dense MLP into plain "
+        "per-expert kernels); set MoeConfig.shared_core_rank = 0.")
   if moe.d_ff != dense.d_ff:
     raise UpcycleError(
         f"MoeConfig.d_ff = {moe.d_ff} but the dense MLPs have d_ff = {dense.d_ff}; "
@@ -90,15 +98,23 @@ def sparse_config_from_dense(dense: T5Config, moe_settings: T5Config) -> T5Confi
   """``moe_settings`` with every dimension (and MoE d_ff/activations) from ``dense``."""
   dims = {f: getattr(dense, f) for f in DIMENSION_FIELDS}
   dims["activations"] = dense.activations
-  moe = moe_settings.moe
-  if moe is not None:
-    moe = dataclasses.replace(moe, d_ff=dense.d_ff, activations=dense.activations)
-  return dataclasses.replace(moe_settings, moe=moe, **dims)
+  settings = moe_settings.replace_moe(d_ff=dense.d_ff, activations=dense.activations)
+  return dataclasses.replace(settings, **dims)
 
 
 def exact_expected(sparse: T5Config) -> tuple[bool, str]:
-  """Whether the upcycled model reproduces the dense one (given ample capacity)."""
-  moe = sparse.moe
+  """Whether the upcycled model reproduces the dense one (given ample capacity).
+
+  With per-stack MoE configs every sparse stack's config must be exact.
+  """
+  verdicts = [_exact_expected(moe) for moe in sparse.moe_configs()]
+  inexact = [v for v in verdicts if not v[0]]
+  if inexact:
+    return inexact[0]
+  return True, "; ".join(dict.fromkeys(reason for _, reason in verdicts))
+
+
+def _exact_expected(moe) -> tuple[bool, str]:
   if moe.router_type == "experts_choose":
     return True, "experts-choose with capacity = group size: weights sum to 1"
   if moe.renormalize_top_k and moe.num_selected_experts > 1:
@@ -360,10 +376,11 @@ class VerifyResult:
 
 
 def _ample_capacity(config: T5Config) -> T5Config:
-  moe = dataclasses.replace(config.moe, capacity_factor_eval=float(
-      max(config.moe.num_experts, max(config.encoder_layout.num_experts or (1,)),
-          max(config.decoder_layout.num_experts or (1,)))))
-  return dataclasses.replace(config, moe=moe, dropout_rate=0.0)
+  ample = float(max(max(m.num_experts for m in config.moe_configs()),
+                    max(config.encoder_layout.num_experts or (1,)),
+                    max(config.decoder_layout.num_experts or (1,))))
+  return dataclasses.replace(config.replace_moe(capacity_factor_eval=ample),
+                             dropout_rate=0.0)
 
 
 def generated_batch(vocab_size: int, batch: int, length: int, seed: int = 0
@@ -405,7 +422,8 @@ def verify(dense_params: Any, dense_config: T5Config, sparse_params: Any,
   ref = model_logits(dense_cfg, dense, batch, mesh, rules)
   ample_cfg = _ample_capacity(sparse_config)
   ample = model_logits(ample_cfg, sparse_params, batch, mesh, rules)
-  if sparse_config.moe.capacity_factor_eval >= ample_cfg.moe.capacity_factor_eval:
+  ample_factor = ample_cfg.moe_configs()[0].capacity_factor_eval
+  if all(m.capacity_factor_eval >= ample_factor for m in sparse_config.moe_configs()):
     configured = ample  # the configured capacity is already ample
   else:
     configured = model_logits(dataclasses.replace(sparse_config, dropout_rate=0.0),

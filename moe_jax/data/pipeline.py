@@ -56,6 +56,7 @@ import tensorflow as tf
 from jax.sharding import Mesh, NamedSharding
 
 from moe_jax import partitioning
+from moe_jax.data import route_ids as route_ids_lib
 
 MODEL_TYPES = ("encdec", "decoder")
 STATE_FORMAT = "moe_jax.data.iterator/1"
@@ -124,19 +125,32 @@ def build_dataset(mixture_or_task_name: str,
                   split: str = "train",
                   shuffle: bool = True,
                   num_epochs: Optional[int] = None,
-                  drop_remainder: bool = True) -> tf.data.Dataset:
-  """The converted (and batched, if a batch size is given) dataset of a shard."""
+                  drop_remainder: bool = True,
+                  route_table: Optional[route_ids_lib.RouteIdTable] = None
+                  ) -> tf.data.Dataset:
+  """The converted (and batched, if a batch size is given) dataset of a shard.
+
+  ``route_table`` (default: the gin-configured ``moe_jax.data.RouteIdTable``,
+  off unless its ``level`` is set) adds ``encoder_route_ids`` /
+  ``decoder_route_ids`` for task-level MoE routing.
+  """
   ensure_registered(mixture_or_task_name)
   if not 0 <= shard_index < num_shards:
     raise ValueError(f"shard_index={shard_index} must be in [0, {num_shards}).")
-  converter = make_feature_converter(model_type, pack)
-  ds = seqio.get_dataset(
-      mixture_or_task_name, task_feature_lengths=dict(task_feature_lengths),
-      feature_converter=converter, dataset_split=split, shuffle=shuffle,
-      num_epochs=num_epochs,
-      shard_info=(seqio.ShardInfo(index=shard_index, num_shards=num_shards)
-                  if num_shards > 1 else None),
-      seed=seed, verbose=False)
+  shard_info = (seqio.ShardInfo(index=shard_index, num_shards=num_shards)
+                if num_shards > 1 else None)
+  route_table = route_ids_lib.RouteIdTable() if route_table is None else route_table
+  if route_table.enabled:
+    ds = route_ids_lib.get_dataset(
+        mixture_or_task_name, task_feature_lengths, route_table,
+        model_type=model_type, pack=pack, split=split, shuffle=shuffle,
+        num_epochs=num_epochs, shard_info=shard_info, seed=seed)
+  else:
+    converter = make_feature_converter(model_type, pack)
+    ds = seqio.get_dataset(
+        mixture_or_task_name, task_feature_lengths=dict(task_feature_lengths),
+        feature_converter=converter, dataset_split=split, shuffle=shuffle,
+        num_epochs=num_epochs, shard_info=shard_info, seed=seed, verbose=False)
   if per_host_batch_size is not None:
     ds = ds.batch(per_host_batch_size, drop_remainder=drop_remainder)
   options = tf.data.Options()
@@ -231,7 +245,8 @@ def get_train_iterator(mixture_or_task_name: str,
                        model_type: str = "encdec",
                        split: str = "train",
                        shuffle: bool = True,
-                       num_epochs: Optional[int] = None) -> DataIterator:
+                       num_epochs: Optional[int] = None,
+                       curriculum: Optional[Sequence] = None) -> DataIterator:
   """The training iterator of this host.
 
   Args:
@@ -245,10 +260,15 @@ def get_train_iterator(mixture_or_task_name: str,
     pack: pack several examples per row.
     model_type: ``encdec`` or ``decoder``.
     split, shuffle, num_epochs: ``None`` epochs repeats forever.
+    curriculum: optional phases ``[(start_step, members), ...]`` (gin
+      ``get_train_iterator.curriculum``): training then reads each phase's
+      members instead of ``mixture_or_task_name`` (which stays the eval
+      mixture); see :mod:`moe_jax.data.curriculum` and docs/curriculum.md.
 
   Returns:
-    A :class:`DataIterator` of ``<int32>[batch_size / num_shards, length]``
-    feature dicts with ``get_state()`` / ``set_state()``.
+    A :class:`DataIterator` (a ``CurriculumIterator`` with a curriculum) of
+    ``<int32>[batch_size / num_shards, length]`` feature dicts with
+    ``get_state()`` / ``set_state()``.
   """
   if model_type not in MODEL_TYPES:
     raise ValueError(f"Unknown model_type {model_type!r}; use one of {MODEL_TYPES}.")
@@ -257,12 +277,16 @@ def get_train_iterator(mixture_or_task_name: str,
     shard_index = default_index if shard_index is None else shard_index
     num_shards = default_count if num_shards is None else num_shards
   ensure_registered(mixture_or_task_name)
-  return DataIterator(dict(
+  config = dict(
       mixture_or_task_name=mixture_or_task_name,
       task_feature_lengths={k: int(v) for k, v in task_feature_lengths.items()},
       per_host_batch_size=_per_host_batch(batch_size, num_shards),
       seed=seed, shard_index=shard_index, num_shards=num_shards, pack=pack,
-      model_type=model_type, split=split, shuffle=shuffle, num_epochs=num_epochs))
+      model_type=model_type, split=split, shuffle=shuffle, num_epochs=num_epochs)
+  if curriculum:
+    from moe_jax.data import curriculum as curriculum_lib  # pylint: disable=g-import-not-at-top
+    return curriculum_lib.CurriculumIterator(curriculum, config)
+  return DataIterator(config)
 
 
 # --------------------------------------------------------------------------
@@ -281,12 +305,16 @@ class EvalDataset:
       them), in order -- the references for metrics.
     batch_size: rows per batch of :meth:`batches`.
     task_feature_lengths / model_type: the converter settings.
+    route_ids: ``(encoder_id, decoder_id)`` of the Task when route ids are on
+      (``moe_jax.data.RouteIdTable``); batches then carry
+      ``encoder_route_ids`` / ``decoder_route_ids``.
   """
   task: seqio.Task
   examples: list
   batch_size: int
   task_feature_lengths: dict
   model_type: str
+  route_ids: Optional[tuple[int, int]] = None
 
   def batches(self) -> Iterator[tuple[dict, int]]:
     """Yields ``(batch, num_valid)``: unpacked, fixed-size batches in order.
@@ -301,6 +329,8 @@ class EvalDataset:
                           for k in self.task_feature_lengths})
     ds = converter(ds, self.task_feature_lengths).batch(self.batch_size)
     for batch in ds.as_numpy_iterator():
+      if self.route_ids is not None:
+        batch.update(route_ids_lib.route_id_features(batch, *self.route_ids))
       n = next(iter(batch.values())).shape[0]
       if n < self.batch_size:
         batch = {k: np.concatenate(
@@ -338,6 +368,8 @@ def get_eval_datasets(mixture_or_task_name: str,
     shard_index, num_shards = default_shard()
   per_host = _per_host_batch(batch_size, num_shards)
   tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+  table = route_ids_lib.RouteIdTable()  # gin-configured; off by default
+  task_route_ids = table.resolve(provider) if table.enabled else {}
   out = {}
   for task in tasks:
     if split not in task.splits:
@@ -351,7 +383,8 @@ def get_eval_datasets(mixture_or_task_name: str,
       ds = ds.take(max_examples)
     out[task.name] = EvalDataset(
         task=task, examples=list(ds.as_numpy_iterator()), batch_size=per_host,
-        task_feature_lengths=dict(task_feature_lengths), model_type=model_type)
+        task_feature_lengths=dict(task_feature_lengths), model_type=model_type,
+        route_ids=task_route_ids.get(task.name))
   if not out:
     raise ValueError(f"No task of {mixture_or_task_name!r} has a {split!r} split.")
   return out

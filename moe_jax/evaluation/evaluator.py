@@ -21,6 +21,7 @@ import os
 from typing import Any, Callable, Mapping, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import sacrebleu
 
@@ -69,16 +70,64 @@ class EvalResult:
             for name, v in m.items()}
 
 
-def _counts_fn(model, mesh, rules, param_sh):
+_ROUTE_FEATURES = ("encoder_route_ids", "decoder_route_ids")
+
+
+def _task_routed(model) -> bool:
+  stack_moe = getattr(model.config, "stack_moe", None)
+  moes = ([stack_moe("encoder"), stack_moe("decoder")] if stack_moe
+          else [model.config.moe])
+  return any(m is not None and getattr(m, "routing_level", "token") == "task"
+             for m in moes)
+
+
+def task_routing_counts(params: Any, batch: Mapping[str, Any], k: int
+                        ) -> dict[str, dict[str, jax.Array]]:
+  """:func:`routing_stats.routing_counts` of a task-routed model, from its tables.
+
+  A task-routing layer's logits are ``table[route_id]`` = ``one_hot(route_id)
+  @ table``, so ``router_choices`` on one-hot ids gives its exact counts;
+  encoder layers use ``encoder_route_ids``, decoder layers
+  ``decoder_route_ids`` (0 = padding, not counted). Scanned stacks are summed
+  over the scan. Token-routed layers of the same model are not counted.
+  """
+  from moe_jax.checkpoints import tree_paths  # pylint: disable=g-import-not-at-top
+  suffix = tree_paths.SEP + "router_kernel"
+  out = {}
+  for name, table in tree_paths.flatten_with_paths(params).items():
+    if not name.endswith(suffix):
+      continue
+    layer = name[:-len(suffix)]
+    ids = batch["encoder_route_ids" if layer.startswith("encoder") else "decoder_route_ids"]
+    tables = table if table.ndim == 3 else table[None]
+    one_hot = jax.nn.one_hot(ids, tables.shape[-2], dtype=jnp.float32)
+    per = [rs_lib.router_choices(one_hot, t, None, k, ids > 0) for t in tables]
+    out[layer] = jax.tree_util.tree_map(lambda *xs: sum(xs), *per)
+  return out
+
+
+def _counts_fn(model, mesh, rules, param_sh, routed: bool = False, k: int = 1):
   bsh = pipeline.batch_sharding(mesh, rules)
+  task_routed = _task_routed(model)
 
   def counts(params, batch):
+    if task_routed:
+      return task_routing_counts(params, batch, k)
     return rs_lib.routing_counts(model, params, batch["encoder_input_tokens"],
                                  batch["decoder_input_tokens"],
                                  batch["decoder_target_tokens"])
+  keys = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens")
   return jax.jit(counts, in_shardings=(param_sh, {
-      k: bsh for k in ("encoder_input_tokens", "decoder_input_tokens",
-                       "decoder_target_tokens")}))
+      k: bsh for k in keys + (_ROUTE_FEATURES if routed else ())}))
+
+
+def _route_kwargs(local: Mapping[str, np.ndarray]) -> dict:
+  """Predictor route ids from an eval batch: encoder ``[rows, s]``, decoder one
+  id per row (task-level routing); empty when the batch has none."""
+  if "decoder_route_ids" not in local:
+    return {}
+  return {"encoder_route_ids": local["encoder_route_ids"],
+          "decoder_route_ids": local["decoder_route_ids"].max(axis=1)}
 
 
 def evaluate(model, params, evals: Mapping[str, pipeline.EvalDataset], mesh, rules,
@@ -100,9 +149,10 @@ def evaluate(model, params, evals: Mapping[str, pipeline.EvalDataset], mesh, rul
     max_batches: evaluate at most this many batches per task.
   """
   predictor = inference.Predictor(model, params, mesh, rules, spec)
-  k = model.config.moe.num_selected_experts if model.config.moe else 1
-  counts_fn = (_counts_fn(model, mesh, rules, predictor.param_shardings)
-               if collect_routing and model.config.moe is not None else None)
+  k = max((m.num_selected_experts for m in model.config.moe_configs()), default=1)
+  routed = any(ev.route_ids is not None for ev in evals.values())
+  counts_fn = (_counts_fn(model, mesh, rules, predictor.param_shardings, routed, k)
+               if collect_routing and model.config.has_moe else None)
   stats = rs_lib.RoutingStats() if counts_fn else None
   hosts = jax.process_count()
   metrics, predictions = {}, {}
@@ -116,10 +166,16 @@ def evaluate(model, params, evals: Mapping[str, pipeline.EvalDataset], mesh, rul
       if batch["encoder_input_tokens"].shape[0] % hosts:
         raise ValueError(f"Eval batch {ev.batch_size} does not split over {hosts} hosts.")
       local = inference.local_rows(batch, batch["encoder_input_tokens"].shape[0] // hosts)
-      out = predictor.predict(local["encoder_input_tokens"], max_len)
+      route = _route_kwargs(local)
+      out = predictor.predict(local["encoder_input_tokens"], max_len, **route)
       if counts_fn is not None:
         replay = inference.teacher_forced_batch(local["encoder_input_tokens"],
                                                 local_slice(out, hosts))
+        if route:
+          dec_id = route["decoder_route_ids"][:, None]
+          replay["encoder_route_ids"] = route["encoder_route_ids"]
+          replay["decoder_route_ids"] = np.where(
+              replay["decoder_target_tokens"] > 0, dec_id, 0).astype(np.int32)
         with partitioning.with_sharding(mesh, rules):
           glob = pipeline.to_global_batch(replay, mesh, rules)
           stats.add_counts(name, counts_fn(params, glob), k)

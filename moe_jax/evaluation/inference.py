@@ -85,21 +85,27 @@ def load_params(checkpoint_path: str, model: nn.Module, mesh, rules) -> Any:
 
 def _decode_fn(model, spec: DecodeSpec, max_len: int):
   if spec.method == "beam":
-    def fn(params, enc):
+    def fn(params, enc, enc_ids=None, dec_ids=None):
       tokens, _ = decoding.beam_search(model, params, max_decode_length=max_len,
                                        beam_size=spec.beam_size, alpha=spec.alpha,
-                                       encoder_input_tokens=enc)
+                                       encoder_input_tokens=enc,
+                                       encoder_route_ids=enc_ids,
+                                       decoder_route_ids=dec_ids)
       return tokens[:, 0]
   elif spec.method == "sample":
-    def fn(params, enc):
+    def fn(params, enc, enc_ids=None, dec_ids=None):
       return decoding.sample_decode(model, params, max_decode_length=max_len,
                                     encoder_input_tokens=enc,
+                                    encoder_route_ids=enc_ids,
+                                    decoder_route_ids=dec_ids,
                                     temperature=spec.temperature, top_k=spec.top_k,
                                     rng=jax.random.PRNGKey(spec.seed))
   else:
-    def fn(params, enc):
+    def fn(params, enc, enc_ids=None, dec_ids=None):
       return decoding.greedy_decode(model, params, max_decode_length=max_len,
-                                    encoder_input_tokens=enc)
+                                    encoder_input_tokens=enc,
+                                    encoder_route_ids=enc_ids,
+                                    decoder_route_ids=dec_ids)
   return fn
 
 
@@ -123,31 +129,48 @@ class Predictor:
     self._compiled: dict[int, Any] = {}
     self.batch_shards = partitioning.mesh_axis_size(mesh, partitioning.BATCH_MESH_AXES)
 
-  def _fn(self, max_len: int):
-    if max_len not in self._compiled:
+  def _fn(self, max_len: int, routed: bool = False):
+    key = (max_len, routed)
+    if key not in self._compiled:
       bsh = pipeline.batch_sharding(self.mesh, self.rules)
-      self._compiled[max_len] = jax.jit(
+      # Route ids (task-level routing): encoder <int>[b, s], decoder <int>[b].
+      route_sh = (bsh, pipeline.batch_sharding(self.mesh, self.rules, ("batch",)))
+      self._compiled[key] = jax.jit(
           _decode_fn(self.model, self.spec, max_len),
-          in_shardings=(self.param_shardings, bsh))
-    return self._compiled[max_len]
+          in_shardings=(self.param_shardings, bsh) + (route_sh if routed else ()))
+    return self._compiled[key]
 
-  def predict(self, encoder_input_tokens: np.ndarray, max_decode_length: int
-              ) -> np.ndarray:
+  def predict(self, encoder_input_tokens: np.ndarray, max_decode_length: int,
+              encoder_route_ids: Optional[np.ndarray] = None,
+              decoder_route_ids: Optional[np.ndarray] = None) -> np.ndarray:
     """Decodes this host's rows; returns the *global* batch's outputs.
 
     Args:
       encoder_input_tokens: <int>[rows, input_length] (this host's rows; the
         global batch, rows * hosts, must divide over data*fsdp*expert).
       max_decode_length: output length.
+      encoder_route_ids: <int>[rows, input_length] and decoder_route_ids:
+        <int>[rows] (one id per example), for task-level MoE routing; give
+        both or neither.
 
     Returns:
       <int32>[rows * hosts, max_decode_length]: tokens, 1 = EOS, 0 after it.
     """
     enc = np.asarray(encoder_input_tokens, np.int32)
     with partitioning.with_sharding(self.mesh, self.rules):
-      glob = pipeline.to_global_batch({"encoder_input_tokens": enc}, self.mesh,
-                                      self.rules)["encoder_input_tokens"]
-      out = self._fn(max_decode_length)(self.params, glob)
+      feats = {"encoder_input_tokens": enc}
+      routed = encoder_route_ids is not None or decoder_route_ids is not None
+      if routed:
+        if encoder_route_ids is None or decoder_route_ids is None:
+          raise ValueError("Give both encoder_route_ids and decoder_route_ids "
+                           "(task-level routing) or neither.")
+        feats["encoder_route_ids"] = np.asarray(encoder_route_ids, np.int32)
+        feats["decoder_route_ids"] = np.asarray(decoder_route_ids, np.int32)
+      glob = pipeline.to_global_batch(feats, self.mesh, self.rules)
+      route = ((glob["encoder_route_ids"], glob["decoder_route_ids"])
+               if routed else ())
+      out = self._fn(max_decode_length, routed)(
+          self.params, glob["encoder_input_tokens"], *route)
     if jax.process_count() > 1:
       return np.asarray(multihost_utils.process_allgather(out, tiled=True))
     return np.asarray(jax.device_get(out))

@@ -179,8 +179,9 @@ def prune_params(params: Any, selection: Mapping[str, np.ndarray]) -> dict:
       rel = name[len(layer) + 1:]
       if rel == "router_kernel":
         value = value[..., keep]
-      elif rel == "router_bias" or rel.startswith("experts" + tree_paths.SEP):
-        value = value[keep]
+      elif rel == "router_bias" or (rel.startswith("experts" + tree_paths.SEP)
+                                    and not rel.endswith("_shared")):
+        value = value[keep]  # shared-core kernels (``*_shared``) have no expert dim
     out[name] = value
   return tree_paths.unflatten_paths(out)
 
@@ -202,12 +203,12 @@ def pruned_config(config, selection: Mapping[str, np.ndarray]):
       raise ValueError(f"Unexpected MoE layer path {layer!r}; expected "
                        "'encoder|decoder/layers/layers_<i>/moe'.")
     counts[(m.group(1), int(m.group(2)))] = len(keep)
-  default = config.moe.num_experts
   new = {}
   for stack, layout_name, n in (("encoder", "encoder_layout", config.num_encoder_layers),
                                 ("decoder", "decoder_layout", config.num_decoder_layers)):
     layout = getattr(config, layout_name)
-    per = layout.experts_per_layer(n, default)
+    stack_moe = config.stack_moe(stack)  # per-stack MoE config, else T5Config.moe
+    per = layout.experts_per_layer(n, stack_moe.num_experts if stack_moe else 0)
     if not per:
       continue
     nums = tuple(counts.get((stack, i), e) for i, e in sorted(per.items()))

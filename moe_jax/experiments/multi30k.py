@@ -31,7 +31,8 @@ VOCAB_PIECES = 2000
 # 2,000 pieces + 100 extra ids, padded to a multiple of 128.
 BASE = ("T5Config.vocab_size=2176",)
 STEPS = 300
-EVAL_PERIOD = 150
+UPCYCLE_DENSE_STEPS, UPCYCLE_EXTRA_STEPS = 600, 300
+PRUNING_MODEL_STEPS = 1200
 EVAL_STEPS = 4  # x batch 32 = 128 examples per direction for loss and BLEU
 
 # name -> (extra gin files, overrides). Paper defaults where the paper has one.
@@ -47,18 +48,32 @@ REGULARIZATION = {
                   "MoeConfig.cluster_expert_dropout_rate=0.1",
                   "LossConfig.cluster_loss_factor=0.01")),
     "cmr": ((), ("SparseLayout.conditional_routing=@ConditionalRoutingConfig()",)),
-    "curriculum": (("runs/multi30k_curriculum.gin",), ()),
+    # en<->de and en<->fr first; the Czech pairs join for the last third.
+    "curriculum": (("runs/multi30k_curriculum.gin",), ("CURRICULUM_LATE_START=200",)),
 }
+
+MOS_STUDENT = ("NUM_EXPERTS=4", "T5Config.d_ff=128", "MoeConfig.d_ff=128")
 
 VARIANTS = {
     "baseline": ((), ()),
-    "dense_to_sparse_gate": ((), ("MoeConfig.router_type='dense_to_sparse'",)),
+    # Anneal over the first half of the run (the paper anneals over its warm-up).
+    "dense_to_sparse_gate": ((), ("MoeConfig.router_type='dense_to_sparse'",
+                                  "MoeConfig.dts_anneal_steps=150")),
     "bilevel": ((), ("MoeConfig.bilevel_outer_size=2",)),
     "residual_moe": ((), ("SparseLayout.residual=True", "MoeConfig.num_selected_experts=1")),
     "pyramid": ((), ("SparseLayout.kind='all'", "encoder/SparseLayout.num_experts=(4, 8)",
                      "decoder/SparseLayout.num_experts=(4, 8)")),
-    "task_routing": ((), ("MoeConfig.routing_level='task'", "MoeConfig.dropless=True")),
+    # Encoder experts chosen by the source language, decoder experts by the target.
+    "task_routing": ((), ("MoeConfig.routing_level='task'", "MoeConfig.num_route_ids=7",
+                          "MoeConfig.dropless=True", "RouteIdTable.level='language'")),
     "shared_core_experts": ((), ("MoeConfig.shared_core_rank=16",)),
+    # Mixture-of-Students: a half-width student (4 experts, d_ff 128) trained
+    # alone vs distilled from the baseline (teacher) for the first 2/3 of the run.
+    "mos_student": ((), MOS_STUDENT),
+    "mos_student_distilled": ((), MOS_STUDENT + (
+        "train.distillation=@DistillationConfig()",
+        "DistillationConfig.teacher_checkpoint='$OUT/baseline_s0'",
+        "DistillationConfig.stop_step=200")),
 }
 
 
@@ -78,8 +93,9 @@ def _runner(out: str, dry_run: bool) -> runner_lib.Runner:
   return r
 
 
-def _train_overrides(seed: int, steps: int, extra: Sequence[str] = ()) -> list[str]:
-  return [*BASE, f"SEED={seed}", f"TRAIN_STEPS={steps}", f"EVAL_PERIOD={EVAL_PERIOD}",
+def _train_overrides(seed: int, steps: int, extra: Sequence[str] = (),
+                     eval_period: int = 0) -> list[str]:
+  return [*BASE, f"SEED={seed}", f"TRAIN_STEPS={steps}", f"EVAL_PERIOD={eval_period or steps}",
           f"EVAL_STEPS={EVAL_STEPS}", f"CHECKPOINT_PERIOD={steps}", *extra]
 
 
@@ -91,6 +107,7 @@ def run_methods(r: runner_lib.Runner, methods: dict, seeds: Sequence[int], steps
       continue
     for seed in seeds:
       try:
+        overrides = [o.replace("$OUT", r.out_dir) for o in overrides]
         rows.append(r.train(f"{name}_s{seed}", [GIN, *gins],
                             _train_overrides(seed, steps, overrides)))
       except RuntimeError as e:  # report and go on with the other methods
@@ -102,20 +119,22 @@ def run_upcycling(r: runner_lib.Runner, dense_steps: int, extra_steps: int) -> N
   total = dense_steps + extra_steps
   dense = ["T5Config.moe=None", "SparseLayout.kind='none'",
            f"make_schedule.decay_steps={total}"]
-  r.train("dense_pretrain", [GIN], _train_overrides(0, dense_steps, dense))
+  period = extra_steps // 2
+  r.train("dense_pretrain", [GIN], _train_overrides(0, dense_steps, dense, period))
   dense_dir = os.path.join(r.out_dir, "dense_pretrain")
   cont_dir = os.path.join(r.out_dir, "dense_continue")
   if "dense_continue" not in r.records() and not r.dry_run:
     shutil.rmtree(cont_dir, ignore_errors=True)
     shutil.copytree(dense_dir, cont_dir)
-  r.train("dense_continue", [GIN], _train_overrides(0, total, dense), model_dir=cont_dir)
+  r.train("dense_continue", [GIN], _train_overrides(0, total, dense, period),
+          model_dir=cont_dir)
   up_dir = os.path.join(r.out_dir, "upcycled")
   r.run_tool("upcycle", "upcycle", [
       f"--dense_checkpoint={os.path.join(dense_dir, str(dense_steps))}",
       "--format=moe_jax", f"--gin_file={GIN}", *[f"--gin_bindings={b}" for b in BASE],
       f"--output={up_dir}", "--overwrite", "--optimizer_state=reset", "--verify"])
   r.train("upcycled_continue", [GIN, os.path.join(up_dir, "upcycled_model.gin")],
-          _train_overrides(0, total, [f"make_schedule.decay_steps={total}"]),
+          _train_overrides(0, total, [f"make_schedule.decay_steps={total}"], period),
           model_dir=up_dir)
 
 
@@ -171,10 +190,10 @@ def main(argv=None) -> int:
     elif suite == "variants":
       run_methods(r, VARIANTS, seeds[:1], args.steps, only)
     elif suite == "upcycling":
-      run_upcycling(r, dense_steps=args.steps, extra_steps=args.steps // 2)
+      run_upcycling(r, UPCYCLE_DENSE_STEPS, UPCYCLE_EXTRA_STEPS)
     elif suite == "pruning":
-      run_methods(r, {"baseline": ((), ())}, seeds[:1], args.steps)
-      run_pruning(r, f"baseline_s{seeds[0]}", args.steps)
+      r.train("pruning_model", [GIN], _train_overrides(0, PRUNING_MODEL_STEPS))
+      run_pruning(r, "pruning_model", PRUNING_MODEL_STEPS)
   return 0
 
 

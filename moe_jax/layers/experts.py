@@ -6,7 +6,9 @@ Weights (logical axes in parentheses):
   * ``wo``: <param>[E, d_ff, embed] ``('expert', 'mlp', 'embed')``
 
 so expert weights shard their expert dimension over the ``expert`` mesh axis
-and their hidden dimension over ``model``.
+and their hidden dimension over ``model``. With ``shared_core_rank > 0`` the
+same kernels are built from a shared core plus low-rank per-expert deltas
+(``shared_core.py``, MPOE).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from moe_jax.layers import shared_core
 
 Array = jax.Array
 
@@ -51,6 +55,8 @@ class ExpertWeights(nn.Module):
   Attributes:
     num_experts, d_model, d_ff: sizes.
     activations: one (plain MLP) or two (gated MLP) activation names.
+    shared_core_rank: 0 for independent expert kernels; ``r > 0`` builds each
+      kernel as a shared matrix plus a rank-``r`` per-expert delta.
   """
   num_experts: int
   d_model: int
@@ -58,11 +64,15 @@ class ExpertWeights(nn.Module):
   activations: Sequence[str] = ("gelu", "linear")
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  shared_core_rank: int = 0
 
   @nn.compact
   def __call__(self) -> dict[str, Array]:
     e, d, f = self.num_experts, self.d_model, self.d_ff
     names = ["wi_0", "wi_1"] if len(self.activations) == 2 else ["wi"]
+    if self.shared_core_rank:
+      return shared_core.shared_core_weights(
+          self, names, e, d, f, self.shared_core_rank, self.dtype, self.param_dtype)
     out = {}
     for name in names:
       w = self.param(

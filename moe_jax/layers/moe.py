@@ -32,11 +32,14 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax import partitioning
+from moe_jax.layers import bilevel as bilevel_lib
 from moe_jax.layers import dropless as dropless_lib
+from moe_jax.layers import dts_gate
 from moe_jax.layers import experts as experts_lib
 from moe_jax.layers import moe_config as cfg_lib
 from moe_jax.layers import regularization
 from moe_jax.layers import routing
+from moe_jax.layers import task_routing
 
 Array = jax.Array
 MoeConfig = cfg_lib.MoeConfig
@@ -165,7 +168,7 @@ class MoeLayer(nn.Module):
   @nn.compact
   def __call__(self, x: Array, padding_mask: Optional[Array] = None, *,
                deterministic: bool = True, causal: bool = False,
-               decode: bool = False) -> Array:
+               decode: bool = False, route_ids: Optional[Array] = None) -> Array:
     """Applies the layer.
 
     Args:
@@ -176,6 +179,8 @@ class MoeLayer(nn.Module):
       causal: the layer sits in a causal decoder (experts-choose refused).
       decode: autoregressive decoding with a KV cache: capacity comes from
         ``capacity_factor_decode`` (default: no drops at all).
+      route_ids: <int>[batch, length] route id of each token's example, for
+        ``routing_level="task"`` (see ``task_routing.py``); else unused.
 
     Returns:
       <float>[batch, length, embed] in ``dtype``.
@@ -184,6 +189,9 @@ class MoeLayer(nn.Module):
     mesh = partitioning.current_mesh()
     n_expert_shards = partitioning.mesh_axis_size(mesh, "expert")
     c.validate(num_expert_shards=n_expert_shards, causal=causal)
+    if c.bilevel_outer_size:  # SMILE bi-level routing: two levels, two all-to-alls
+      return bilevel_lib.bilevel_moe(self, x, padding_mask,
+                                     deterministic=deterministic, decode=decode)
     b, l, d = x.shape
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
@@ -194,19 +202,23 @@ class MoeLayer(nn.Module):
                                  minval=1.0 - c.jitter_noise,
                                  maxval=1.0 + c.jitter_noise)
       router_in = router_in * noise
-    router_kernel = self.param(
-        "router_kernel",
-        nn.with_logical_partitioning(
-            nn.initializers.normal(stddev=c.router_init_stddev),
-            ("embed", "unmodeled")),
-        (d, c.num_experts), jnp.float32)
-    logits = jnp.einsum("bld,de->ble", router_in, jnp.asarray(router_kernel, jnp.float32))
-    if c.router_bias:
-      bias = self.param(
-          "router_bias",
-          nn.with_logical_partitioning(nn.initializers.zeros, ("unmodeled",)),
-          (c.num_experts,), jnp.float32)
-      logits = logits + bias
+    if c.routing_level == "task":  # Task-MoE: per-example route ids (task_routing.py)
+      logits = task_routing.task_router_logits(
+          self, route_ids, (b, l), c.num_route_ids, c.num_experts, c.router_init_stddev)
+    else:
+      router_kernel = self.param(
+          "router_kernel",
+          nn.with_logical_partitioning(
+              nn.initializers.normal(stddev=c.router_init_stddev),
+              ("embed", "unmodeled")),
+          (d, c.num_experts), jnp.float32)
+      logits = jnp.einsum("bld,de->ble", router_in, jnp.asarray(router_kernel, jnp.float32))
+      if c.router_bias:
+        bias = self.param(
+            "router_bias",
+            nn.with_logical_partitioning(nn.initializers.zeros, ("unmodeled",)),
+            (c.num_experts,), jnp.float32)
+        logits = logits + bias
 
     n_batch_shards = partitioning.mesh_axis_size(mesh, partitioning.BATCH_MESH_AXES)
     group_size = b * l if c.dropless else c.group_size
@@ -232,13 +244,19 @@ class MoeLayer(nn.Module):
       rng = self.make_rng("routing")
     elif c.router_type == "tokens_choose" and c.priority == "random":
       rng = jax.random.key(0)
+    elif c.router_type == "dense_to_sparse" and train:  # DTS-Gate: Gumbel noise
+      rng = self.make_rng("routing")
     decision = routing.make_router(c).route(logits, mask, capacity, rng)
     self._sow_metrics(decision)
+    if c.router_type == "dense_to_sparse":  # DTS-Gate (dts_gate.py)
+      self.sow("intermediates", cfg_lib.EXPERTS_PER_TOKEN,
+               dts_gate.experts_per_token(decision, mask, s))
 
     weights = experts_lib.ExpertWeights(
         num_experts=c.num_experts, d_model=d, d_ff=c.d_ff,
         activations=c.activations, dtype=self.dtype,
-        param_dtype=self.param_dtype, name="experts")()
+        param_dtype=self.param_dtype, shared_core_rank=c.shared_core_rank,
+        name="experts")()
     dropout_rate = c.expert_dropout_rate if train else 0.0
     dropout_key = self.make_rng("dropout") if dropout_rate > 0 else None
     eom_key = (self.make_rng("dropout")

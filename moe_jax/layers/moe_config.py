@@ -19,6 +19,7 @@ import dataclasses
 from typing import Optional, Sequence
 
 ROUTER_TYPES = ("tokens_choose", "experts_choose")
+ROUTER_TYPES = ROUTER_TYPES + ("dense_to_sparse",)  # DTS-Gate (layers/dts_gate.py)
 PRIORITIES = ("position", "batch_prioritized", "random")
 
 
@@ -76,6 +77,34 @@ class MoeConfig:
     cluster_expert_dropout_rate: MoEC cluster-level expert dropout: in
       training each assignment is re-routed, with this probability, to a
       random sibling expert of the same cluster.
+    routing_level: Task-MoE (Kudugunta et al. 2021) / PL-MoE: ``"token"``
+      (default) routes each token by its hidden state; ``"task"`` routes
+      every token by its example's route id (task or language, from the
+      data) through a learned table ``[num_route_ids + 1, E]``
+      (``task_routing.py``); needs ``route_ids`` and, since a language's
+      tokens all hit the same experts, ``dropless=True`` or a large capacity.
+    num_route_ids: number of route ids ``N`` (ids ``1..N``, 0 = padding) for
+      ``routing_level="task"``.
+    bilevel_outer_size: SMILE bi-level routing (He et al. 2022,
+      ``bilevel.py``): the experts form ``bilevel_outer_size`` outer groups
+      (on the cross-host mesh axis, logical ``expert_outer``) of
+      ``num_experts / bilevel_outer_size`` inner experts (on ``expert``); an
+      outer top-1 router and a per-group inner top-k router, two all-to-alls,
+      one load-balancing loss per level. 0 (default) = flat routing.
+    dts_tau_start / dts_tau_end / dts_anneal_steps / dts_anneal_schedule:
+      dense-to-sparse gate (DTS-Gate / EvoMoE, Nie et al. 2021;
+      ``router_type="dense_to_sparse"``, ``dts_gate.py``): the Gumbel-softmax
+      temperature goes from ``dts_tau_start`` to ``dts_tau_end`` over
+      ``dts_anneal_steps`` training steps, ``"linear"`` or ``"exponential"``.
+    dts_threshold: a token reaches every expert whose Gumbel-softmax gate
+      exceeds this (and always its best one). Eval is plain top-k with
+      ``num_selected_experts``.
+    dts_train_capacity: ``"all_tokens"`` (capacity = group size in training:
+      no drops, up to E expert MLPs per token) or ``"capacity_factor"``
+      (the usual capacity; overflow dropped).
+    shared_core_rank: shared-core experts (MPOE, Gao et al. 2022;
+      ``shared_core.py``): each expert kernel is a shared matrix plus a
+      rank-``r`` per-expert delta ``a_e @ b_e``; 0 (default) = plain experts.
   """
   num_experts: int = 8
   num_selected_experts: int = 2
@@ -101,6 +130,19 @@ class MoeConfig:
   final_output_masking_rate: float = 0.0
   num_expert_clusters: int = 0
   cluster_expert_dropout_rate: float = 0.0
+  # --- Task-/language-level routing (Task-MoE; layers/task_routing.py) ---
+  routing_level: str = "token"
+  num_route_ids: int = 0
+  # --- Bi-level routing (SMILE; layers/bilevel.py) ---
+  bilevel_outer_size: int = 0
+  # --- Dense-to-sparse gate (DTS-Gate; layers/dts_gate.py) + shared-core experts (MPOE; layers/shared_core.py) ---
+  dts_tau_start: float = 5.0
+  dts_tau_end: float = 0.01
+  dts_anneal_steps: int = 50_000
+  dts_anneal_schedule: str = "linear"
+  dts_threshold: float = 0.02
+  dts_train_capacity: str = "all_tokens"
+  shared_core_rank: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "activations", tuple(self.activations))
@@ -152,6 +194,54 @@ class MoeConfig:
           f"num_experts={self.num_experts} is not divisible by the 'expert' "
           f"mesh axis size {num_expert_shards}; use a multiple of "
           f"{num_expert_shards} experts or a smaller expert axis.")
+    if self.routing_level not in ("token", "task"):
+      raise ValueError(f"routing_level={self.routing_level!r}: use 'token' or 'task'.")
+    if self.routing_level == "task" and (
+        self.num_route_ids < 1 or self.router_type != "tokens_choose"):
+      raise ValueError(
+          "routing_level='task' needs num_route_ids >= 1 (the largest route id "
+          f"in the data; got {self.num_route_ids}) and router_type="
+          f"'tokens_choose' (got {self.router_type!r}).")
+    if self.routing_level == "task" and getattr(self, "bilevel_outer_size", 0):
+      raise ValueError("routing_level='task' does not combine with bi-level "
+                       "routing (bilevel_outer_size); set one of them off.")
+    if self.bilevel_outer_size:  # Bi-level routing (SMILE; bilevel.py)
+      if self.bilevel_outer_size < 0 or self.num_experts % self.bilevel_outer_size:
+        raise ValueError(
+            f"bilevel_outer_size={self.bilevel_outer_size} must be a positive "
+            f"divisor of num_experts={self.num_experts} (experts = outer x inner).")
+      clashes = [n for n, on in (
+          ("router_type='experts_choose'", self.router_type != "tokens_choose"),
+          ("dropless", self.dropless), ("gating_dropout_rate", self.gating_dropout_rate),
+          ("num_expert_clusters", self.num_expert_clusters),
+          ("expert_output_masking_rate", self.expert_output_masking_rate),
+          ("final_output_masking_rate", self.final_output_masking_rate),
+          ("router_bias", self.router_bias),
+          ("routing_level='task'", self.routing_level != "token")) if on]
+      if clashes:
+        raise ValueError(
+            f"bilevel_outer_size={self.bilevel_outer_size} (bi-level routing) does "
+            f"not support {', '.join(clashes)}; turn those off or set "
+            "bilevel_outer_size=0.")
+    if not (self.dts_tau_start > 0 and self.dts_tau_end > 0 and self.dts_anneal_steps >= 1):
+      raise ValueError(
+          f"dts_tau_start={self.dts_tau_start}, dts_tau_end={self.dts_tau_end} must be "
+          f"> 0 and dts_anneal_steps={self.dts_anneal_steps} >= 1.")
+    if self.dts_anneal_schedule not in ("linear", "exponential"):
+      raise ValueError(f"dts_anneal_schedule={self.dts_anneal_schedule!r}: use "
+                       "'linear' or 'exponential'.")
+    if not 0.0 <= self.dts_threshold < 1.0:
+      raise ValueError(f"dts_threshold={self.dts_threshold} must be in [0, 1).")
+    if self.dts_train_capacity not in ("all_tokens", "capacity_factor"):
+      raise ValueError(f"dts_train_capacity={self.dts_train_capacity!r}: use "
+                       "'all_tokens' or 'capacity_factor'.")
+    if self.shared_core_rank < 0:
+      raise ValueError(f"shared_core_rank={self.shared_core_rank} must be >= 0 "
+                       "(0 turns shared-core experts off).")
+    if self.shared_core_rank and getattr(self, "bilevel_outer_size", 0):
+      raise ValueError("shared_core_rank > 0 is not supported with bi-level routing "
+                       "(bilevel_outer_size > 0 builds its own expert weights); "
+                       "set one of them to 0.")
     if causal and self.router_type == "experts_choose":
       raise ValueError(
           "Experts-choose routing lets a token's output depend on later tokens "
@@ -168,4 +258,12 @@ DROPPED_FRACTION = "dropped_fraction"  # scalar, fraction of assignments dropped
 EXPERT_LOAD = "expert_load"          # [E], fraction of assignments per expert
 ROUTER_CONFIDENCE = "router_confidence"  # scalar, mean top-1 router probability
 CLUSTER_LOSS = "cluster_loss"        # scalar, MoEC variance loss (only when clusters are on)
+# Conditional MoE Routing (layers/conditional.py; sown by its gate, only when on).
+CMR_BUDGET_LOSS = "cmr_budget_loss"  # scalar, |mean gate over real tokens - target|
+CMR_GATE_MEAN = "cmr_gate_mean"      # scalar, mean CMR gate over real tokens
 METRIC_NAMES = (AUX_LOSS, Z_LOSS, DROPPED_FRACTION, EXPERT_LOAD, ROUTER_CONFIDENCE)
+# Dense-to-sparse gate (layers/dts_gate.py; sown only with router_type="dense_to_sparse").
+EXPERTS_PER_TOKEN = "experts_per_token"  # scalar, mean experts a real token reaches
+METRIC_NAMES = METRIC_NAMES + (EXPERTS_PER_TOKEN,)
+# Logged when present: the CMR gate's mean and bi-level routing's per-level losses.
+METRIC_NAMES = METRIC_NAMES + (CMR_GATE_MEAN, "aux_loss_outer", "aux_loss_inner")

@@ -290,4 +290,7 @@ def make_router(config) -> Router:
         cluster_dropout_rate=config.cluster_expert_dropout_rate)
   if config.router_type == "experts_choose":
     return ExpertsChooseRouter()
+  if config.router_type == "dense_to_sparse":  # DTS-Gate (dts_gate.py)
+    from moe_jax.layers import dts_gate  # pylint: disable=g-import-not-at-top
+    return dts_gate.from_config(config)
   raise ValueError(f"Unknown router_type {config.router_type!r}.")

@@ -6,7 +6,12 @@ A layer is pre-norm: ``x + dropout(sublayer(rms_norm(x)))`` for self-attention,
 * dense: ``mlp`` (``MlpBlock``),
 * sparse: ``moe`` (``MoeLayer``); with ``residual`` also a dense ``mlp`` beside
   it, mixed per token by a learned 2-way softmax gate ``residual_gate``;
+  with ``conditional_routing`` (NLLB CMR) also a shared dense ``mlp``, mixed
+  by a per-token sigmoid gate ``cmr_gate`` (``layers/conditional.py``);
   with ``extra_dense_mlp`` an extra dense sublayer ``extra_mlp`` follows.
+
+A layer's MoE config is its stack's (``T5Config.stack_moe``): the causal
+stack is the decoder, the other the encoder.
 
 ``LayerStack`` runs the layers unrolled (``layers_0``, ``layers_1``, ...) or with
 ``nn.scan`` over blocks of ``period`` layers (params ``layers/layer_j`` with a
@@ -23,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moe_jax.layers import conditional
 from moe_jax.layers.attention import MultiHeadAttention
 from moe_jax.layers.dense import DenseGeneral
 from moe_jax.layers.mlp import MlpBlock
@@ -31,6 +37,11 @@ from moe_jax.models.config import SparseLayout, T5Config
 
 SCANNED_NAME = "layers"
 RNG_STREAMS = ("params", "dropout", "jitter", "routing")
+
+
+def stack_name(causal: bool) -> str:
+  """``"decoder"`` for the causal stack, else ``"encoder"``."""
+  return "decoder" if causal else "encoder"
 
 
 def _dropout(config: T5Config, x, deterministic: bool):
@@ -60,7 +71,7 @@ class TransformerLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, self_bias, encoded=None, cross_bias=None, padding_mask=None,
-               decode_position=None):
+               decode_position=None, route_ids=None):
     cfg = self.config
     dtype, pdtype = cfg.jnp_dtype, cfg.jnp_param_dtype
     det = self.deterministic
@@ -82,7 +93,7 @@ class TransformerLayer(nn.Module):
 
     h = norm("pre_mlp_norm")(x)
     if self.num_experts:
-      h = self._sparse_mlp(h, padding_mask, mlp)
+      h = self._sparse_mlp(h, padding_mask, mlp, route_ids)
     else:
       h = mlp("mlp")(h, deterministic=det)
     x = x + _dropout(cfg, h, det)
@@ -92,14 +103,15 @@ class TransformerLayer(nn.Module):
       x = x + _dropout(cfg, mlp("extra_mlp")(h, deterministic=det), det)
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
-  def _sparse_mlp(self, h, padding_mask, mlp):
+  def _sparse_mlp(self, h, padding_mask, mlp, route_ids=None):
     from moe_jax.layers.moe import MoeLayer  # pylint: disable=g-import-not-at-top
     cfg = self.config
-    moe_cfg = dataclasses.replace(cfg.moe, num_experts=self.num_experts)
+    moe_cfg = dataclasses.replace(cfg.stack_moe(stack_name(self.causal)),
+                                  num_experts=self.num_experts)
     y = MoeLayer(config=moe_cfg, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
                  name="moe")(h, padding_mask=padding_mask,
                              deterministic=self.deterministic, causal=self.causal,
-                             decode=self.decode)
+                             decode=self.decode, route_ids=route_ids)
     if self.layout.residual:
       dense = mlp("mlp")(h, deterministic=self.deterministic)
       gate_logits = DenseGeneral(2, kernel_axes=("embed", "unmodeled"),
@@ -107,6 +119,12 @@ class TransformerLayer(nn.Module):
                                  name="residual_gate")(h)
       gate = jax.nn.softmax(gate_logits.astype(jnp.float32), axis=-1).astype(y.dtype)
       y = y * gate[..., 0:1] + dense * gate[..., 1:2]
+    cmr = self.layout.conditional_routing
+    if cmr is not None:
+      gate = conditional.ConditionalRoutingGate(
+          cmr, param_dtype=cfg.jnp_param_dtype, name="cmr_gate")(
+              h, padding_mask, deterministic=self.deterministic)
+      y = conditional.mix(mlp("mlp")(h, deterministic=self.deterministic), y, gate)
     return y
 
 
@@ -121,12 +139,13 @@ class _Block(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x, self_bias, encoded, cross_bias, padding_mask, decode_position):
+  def __call__(self, x, self_bias, encoded, cross_bias, padding_mask, decode_position,
+               route_ids=None):
     for j, n in enumerate(self.experts):
       x = TransformerLayer(self.config, self.layout, n, self.causal,
                            self.cross_attention, self.deterministic, self.decode,
                            name=f"layer_{j}")(x, self_bias, encoded, cross_bias,
-                                              padding_mask, decode_position)
+                                              padding_mask, decode_position, route_ids)
     return x, None
 
 
@@ -142,7 +161,9 @@ class LayerStack(nn.Module):
 
   ``__call__(x <float>[b, l, embed], self_bias <float>[b|1, h, l, k], encoded
   <float>[b, s, embed] | None, cross_bias | None, padding_mask <bool>[b, l] | None,
-  decode_position <int>[] | None) -> <float>[b, l, embed]``.
+  decode_position <int>[] | None, route_ids <int>[b, l] | None) -> <float>[b, l, embed]``.
+  ``route_ids`` (each token's task/language id) reach the MoE layers
+  (``MoeConfig.routing_level="task"``).
   """
   config: T5Config
   layout: SparseLayout
@@ -153,25 +174,27 @@ class LayerStack(nn.Module):
   decode: bool = False
 
   def experts_per_layer(self) -> list[int]:
-    default = self.config.moe.num_experts if self.config.moe else 0
+    moe = self.config.stack_moe(stack_name(self.causal))
+    default = moe.num_experts if moe else 0
     sparse = self.layout.experts_per_layer(self.num_layers, default)
     return [sparse.get(i, 0) for i in range(self.num_layers)]
 
   @nn.compact
   def __call__(self, x, self_bias, encoded=None, cross_bias=None, padding_mask=None,
-               decode_position=None):
+               decode_position=None, route_ids=None):
     cfg = self.config
     experts = self.experts_per_layer()
     common = dict(config=cfg, layout=self.layout, causal=self.causal,
                   cross_attention=self.cross_attention,
                   deterministic=self.deterministic, decode=self.decode)
-    args = (self_bias, encoded, cross_bias, padding_mask, decode_position)
+    args = (self_bias, encoded, cross_bias, padding_mask, decode_position, route_ids)
     if not cfg.scan_layers:
       layer_cls = _remat(TransformerLayer, cfg.remat_policy, scanned=False)
       for i, n in enumerate(experts):
         x = layer_cls(num_experts=n, name=f"layers_{i}", **common)(x, *args)
       return x
-    period = self.layout.scan_period(self.num_layers, cfg.moe.num_experts if cfg.moe else 0)
+    moe = cfg.stack_moe(stack_name(self.causal))
+    period = self.layout.scan_period(self.num_layers, moe.num_experts if moe else 0)
     block_cls = _remat(_Block, cfg.remat_policy, scanned=True)
     scanned = nn.scan(
         block_cls,

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 import jax.numpy as jnp
 
+from moe_jax.layers.conditional import ConditionalRoutingConfig
 from moe_jax.layers.moe_config import MoeConfig
 
 LAYOUT_KINDS = ("none", "all", "every", "top", "bottom", "explicit")
@@ -37,6 +38,9 @@ class SparseLayout:
       the output mixes both with a learned 2-way softmax gate per token.
     extra_dense_mlp: ST-MoE: a sparse layer is followed by an extra dense MLP
       sublayer (own pre-norm and residual connection).
+    conditional_routing: Conditional MoE Routing (NLLB): a shared dense MLP
+      beside the MoE, mixed per token by a sigmoid gate
+      (``layers/conditional.py``); ``None`` (default) disables it.
   """
   kind: str = "none"
   every: int = 2
@@ -45,6 +49,7 @@ class SparseLayout:
   num_experts: Sequence[int] = ()
   residual: bool = False
   extra_dense_mlp: bool = False
+  conditional_routing: Optional[ConditionalRoutingConfig] = None
 
   def __post_init__(self):
     object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
@@ -54,6 +59,10 @@ class SparseLayout:
                        f"{LAYOUT_KINDS}.")
     if self.kind == "every" and self.every < 1:
       raise ValueError(f"SparseLayout.every must be >= 1, got {self.every}.")
+    if self.residual and self.conditional_routing is not None:
+      raise ValueError(
+          "SparseLayout.residual and SparseLayout.conditional_routing both add a "
+          "gated dense MLP beside the MoE; enable only one of them.")
 
   def sparse_layers(self, num_layers: int) -> tuple[int, ...]:
     """0-based indices of the MoE layers in a stack of ``num_layers``."""
@@ -127,7 +136,12 @@ class T5Config:
     layer_norm_epsilon: RMS norm epsilon.
     dtype / param_dtype: activation and parameter dtypes (names, e.g. "bfloat16").
     moe: the MoE layer config used by sparse layers (required if any layout
-      is sparse). Its ``num_experts`` may be overridden per layer.
+      is sparse, unless that stack has its own config below). Its
+      ``num_experts`` may be overridden per layer.
+    encoder_moe / decoder_moe: the MoE config of one stack; ``None`` (default)
+      uses ``moe``. E.g. sparse upcycling routes the encoder experts-choose
+      and the decoder top-2 tokens-choose. Read a stack's config with
+      :meth:`stack_moe`.
     encoder_layout / decoder_layout: which MLPs are MoE in each stack.
     decoder_only: build a decoder-only LM (uses ``num_decoder_layers`` and
       ``decoder_layout``); ``prefix_lm`` lets inputs marked by
@@ -152,6 +166,8 @@ class T5Config:
   dtype: str = "float32"
   param_dtype: str = "float32"
   moe: Optional[MoeConfig] = None
+  encoder_moe: Optional[MoeConfig] = None
+  decoder_moe: Optional[MoeConfig] = None
   encoder_layout: SparseLayout = SparseLayout()
   decoder_layout: SparseLayout = SparseLayout()
   decoder_only: bool = False
@@ -175,12 +191,60 @@ class T5Config:
       stacks.insert(0, ("encoder", self.encoder_layout, self.num_encoder_layers))
     for stack, layout, n in stacks:
       layers = layout.sparse_layers(n)
-      if layers and self.moe is None:
+      moe = self.stack_moe(stack)
+      if layers and moe is None:
         raise ValueError(
-            f"{stack}_layout places MoE layers at {layers} but T5Config.moe is None; "
-            "set moe=MoeConfig(...) or use SparseLayout(kind='none').")
+            f"{stack}_layout places MoE layers at {layers} but neither "
+            f"T5Config.{stack}_moe nor T5Config.moe is set; set moe=MoeConfig(...) "
+            "or use SparseLayout(kind='none').")
+      if layers and stack == "decoder":
+        try:
+          moe.validate(causal=True)
+        except ValueError as e:
+          raise ValueError(f"T5Config decoder MoE config: {e} Bind "
+                           "T5Config.decoder_moe to a tokens-choose MoeConfig.") from None
       if self.scan_layers:
-        layout.scan_period(n, self.moe.num_experts if self.moe else 0)
+        layout.scan_period(n, moe.num_experts if moe else 0)
+
+  def stack_moe(self, stack: str) -> Optional[MoeConfig]:
+    """The MoE config of ``stack`` (``"encoder"`` or ``"decoder"``).
+
+    ``encoder_moe`` / ``decoder_moe`` when set, else ``moe``. A decoder-only
+    model's stack is ``"decoder"``.
+    """
+    if stack not in ("encoder", "decoder"):
+      raise ValueError(f"stack={stack!r}: use 'encoder' or 'decoder'.")
+    own = self.encoder_moe if stack == "encoder" else self.decoder_moe
+    return own if own is not None else self.moe
+
+  def sparse_stacks(self) -> tuple[str, ...]:
+    """The stacks (``"encoder"``, ``"decoder"``) that have MoE layers."""
+    stacks = ("decoder",) if self.decoder_only else ("encoder", "decoder")
+    return tuple(s for s in stacks
+                 if getattr(self, f"{s}_layout").sparse_layers(
+                     getattr(self, f"num_{s}_layers")))
+
+  def moe_configs(self) -> tuple[MoeConfig, ...]:
+    """The distinct MoE configs in use by the sparse stacks (in stack order)."""
+    out = []
+    for stack in self.sparse_stacks():
+      moe = self.stack_moe(stack)
+      if moe not in out:
+        out.append(moe)
+    return tuple(out)
+
+  @property
+  def has_moe(self) -> bool:
+    """Whether any stack has an MoE layer."""
+    return bool(self.sparse_stacks())
+
+  def replace_moe(self, **changes) -> "T5Config":
+    """A copy with ``changes`` applied to ``moe``, ``encoder_moe`` and
+    ``decoder_moe`` (those that are set)."""
+    new = {name: dataclasses.replace(getattr(self, name), **changes)
+           for name in ("moe", "encoder_moe", "decoder_moe")
+           if getattr(self, name) is not None}
+    return dataclasses.replace(self, **new)
 
   @property
   def jnp_dtype(self):

@@ -36,22 +36,32 @@ class _Stepper:
 
 
 def _stepper(model, params, max_len: int, batch: int,
-             encoder_input_tokens: Optional[jax.Array], repeat: int = 1) -> _Stepper:
+             encoder_input_tokens: Optional[jax.Array], repeat: int = 1,
+             encoder_route_ids: Optional[jax.Array] = None,
+             decoder_route_ids: Optional[jax.Array] = None) -> _Stepper:
   cfg = model.config
   variables = {"params": params}
+  # Task-level routing: one decoder route id per example, <int>[b] -> per beam,
+  # broadcast over each step's tokens.
+  dec_ids = (None if decoder_route_ids is None else
+             jnp.repeat(jnp.asarray(decoder_route_ids, jnp.int32), repeat, axis=0))
+  route = lambda tokens: (None if dec_ids is None  # noqa: E731
+                          else jnp.broadcast_to(dec_ids[:, None], tokens.shape))
   if encoder_input_tokens is not None:
     if cfg.decoder_only:
       raise ValueError("encoder_input_tokens given to a decoder-only model; pass "
                        "prompt_tokens instead.")
     enc = jnp.asarray(encoder_input_tokens, jnp.int32)
-    encoded = model.apply(variables, enc, enable_dropout=False, method=model.encode)
+    encoded = model.apply(variables, enc, encoder_route_ids=encoder_route_ids,
+                          enable_dropout=False, method=model.encode)
     enc = jnp.repeat(enc, repeat, axis=0)
     encoded = jnp.repeat(encoded, repeat, axis=0)
 
     def call(cache, tokens, prefix):
       del prefix
       v = dict(variables, cache=cache) if cache is not None else variables
-      return model.apply(v, encoded, enc, tokens, enable_dropout=False, decode=True,
+      return model.apply(v, encoded, enc, tokens, decoder_route_ids=route(tokens),
+                         enable_dropout=False, decode=True,
                          max_decode_length=max_len, method=model.decode,
                          mutable=["cache"])
   else:
@@ -61,6 +71,7 @@ def _stepper(model, params, max_len: int, batch: int,
     def call(cache, tokens, prefix):
       v = dict(variables, cache=cache) if cache is not None else variables
       return model.apply(v, tokens, None, decoder_causal_attention=prefix,
+                         decoder_route_ids=route(tokens),
                          enable_dropout=False, decode=True, max_decode_length=max_len,
                          mutable=["cache"])
 
@@ -119,7 +130,9 @@ def sample_decode(model, params, *, max_decode_length: int,
                   prompt_tokens: Optional[jax.Array] = None,
                   temperature: float = 1.0, top_k: int = 0,
                   rng: Optional[jax.Array] = None, prefill: bool = True,
-                  eos_id: int = EOS_ID) -> jax.Array:
+                  eos_id: int = EOS_ID,
+                  encoder_route_ids: Optional[jax.Array] = None,
+                  decoder_route_ids: Optional[jax.Array] = None) -> jax.Array:
   """Temperature / top-k sampling (``temperature=0``: greedy).
 
   Args:
@@ -129,6 +142,8 @@ def sample_decode(model, params, *, max_decode_length: int,
     prompt_tokens: ``<int>[b, p]`` forced first target tokens (decoder-only).
     top_k: sample among the ``k`` most likely tokens (0: all).
     rng: PRNG key (required if ``temperature > 0``).
+    encoder_route_ids: ``<int>[b, s]`` and decoder_route_ids: ``<int>[b]`` (one
+      id per example): task-level MoE routing (``routing_level="task"``).
 
   Returns:
     ``<int32>[b, L]``: prompt + generated tokens, 0 after EOS.
@@ -144,7 +159,9 @@ def sample_decode(model, params, *, max_decode_length: int,
     raise ValueError("temperature > 0 needs rng=jax.random.PRNGKey(...).")
   _check_prefix_prompts(model, prompt_tokens, prefill)
   max_len = max_decode_length
-  stepper = _stepper(model, params, max_len, batch, encoder_input_tokens)
+  stepper = _stepper(model, params, max_len, batch, encoder_input_tokens,
+                     encoder_route_ids=encoder_route_ids,
+                     decoder_route_ids=decoder_route_ids)
   seq, forced, common = _prompt_buffer(prompt_tokens, batch, max_len)
   cache = stepper.init_cache()
   rng = jax.random.PRNGKey(0) if rng is None else rng
@@ -217,12 +234,15 @@ def _gather_beams(tree, beam_index, batch, beams, batch_axis):
 def beam_search(model, params, *, max_decode_length: int, beam_size: int = 4,
                 alpha: float = 0.6, encoder_input_tokens: Optional[jax.Array] = None,
                 prompt_tokens: Optional[jax.Array] = None, eos_id: int = EOS_ID,
+                encoder_route_ids: Optional[jax.Array] = None,
+                decoder_route_ids: Optional[jax.Array] = None,
                 ) -> tuple[jax.Array, jax.Array]:
   """Beam search; a finished hypothesis scores ``log p / brevity_penalty(len)``.
 
   Hypotheses still alive after ``max_decode_length`` tokens compete with the
   finished ones under the same penalty. Decoder-only prompts must all have the
-  same length (they are prefilled and forced).
+  same length (they are prefilled and forced). Route ids as in
+  :func:`sample_decode` (the decoder's are repeated for every beam).
 
   Returns:
     ``(tokens <int32>[b, beam_size, L], scores <float32>[b, beam_size])``, best first.
@@ -239,7 +259,9 @@ def beam_search(model, params, *, max_decode_length: int, beam_size: int = 4,
     lengths = (np.asarray(prompt_tokens) > 0).sum(axis=1)
     if len(set(lengths.tolist())) > 1:
       raise ValueError("beam_search needs decoder-only prompts of equal length.")
-  stepper = _stepper(model, params, max_len, batch, encoder_input_tokens, repeat=k)
+  stepper = _stepper(model, params, max_len, batch, encoder_input_tokens, repeat=k,
+                     encoder_route_ids=encoder_route_ids,
+                     decoder_route_ids=decoder_route_ids)
   cache = stepper.init_cache()
   seqs = jnp.repeat(seq0[:, None], k, axis=1)                  # [b, k, L+1]
   if common > 1:

@@ -3,7 +3,15 @@
 Total loss = token cross-entropy (with optional label smoothing)
            + output z-loss ``z_loss * log(Z)^2`` per token (T5X, 1e-4)
            + ``aux_loss_factor``      * SUM over MoE layers of the load-balancing loss
-           + ``router_z_loss_factor`` * SUM over MoE layers of the router z-loss.
+           + ``router_z_loss_factor`` * SUM over MoE layers of the router z-loss
+           + ``cluster_loss_factor``  * SUM over MoE layers of the MoEC variance
+             loss (sown only when ``MoeConfig.num_expert_clusters > 0``)
+           + ``cmr_budget_loss_factor`` * SUM over MoE layers of the NLLB
+             conditional-routing budget loss (sown only when CMR is on).
+
+:func:`weighted_moe_losses` is the one definition of the weighted MoE terms;
+the train step (``moe_jax/training/train_step.py``) and :func:`compute_loss`
+both call it.
 
 The MoE terms are **summed over layers** (as T5X/flaxformer do: each layer
 adds its weighted loss), so a deeper model with more sparse layers puts more
@@ -27,6 +35,13 @@ from moe_jax.layers import moe_config as mc
 DEFAULT_Z_LOSS = 1e-4
 DEFAULT_AUX_LOSS_FACTOR = 0.01
 DEFAULT_ROUTER_Z_LOSS_FACTOR = 0.0
+# MoEC (Xie et al. 2023) variance loss weight; the term exists only when the
+# layer has expert clusters. 1e-2, the same scale as the Switch aux loss.
+DEFAULT_CLUSTER_LOSS_FACTOR = 1e-2
+# NLLB conditional MoE routing budget loss weight (Costa-jussà et al. 2022).
+DEFAULT_CMR_BUDGET_LOSS_FACTOR = 0.1
+CMR_BUDGET_LOSS = getattr(mc, "CMR_BUDGET_LOSS", "cmr_budget_loss")
+CLUSTER_LOSS = getattr(mc, "CLUSTER_LOSS", "cluster_loss")
 
 
 def token_cross_entropy(logits: jax.Array, targets: jax.Array,
@@ -120,6 +135,60 @@ def summarize_moe_metrics(per_layer: Mapping[str, jax.Array]) -> dict[str, jax.A
   return out
 
 
+def _sown_key(path) -> Optional[str]:
+  """Name a leaf was sown under: the last dict key (tuple indices skipped)."""
+  for entry in reversed(path):
+    if hasattr(entry, "key"):
+      return entry.key
+  return None
+
+
+def sum_sown(intermediates: Any, name: str) -> jax.Array:
+  """``<float32>[]`` sum over MoE layers of a sown per-layer scalar ``name``.
+
+  A layer's value is a scalar (in a 1-tuple, as ``sow`` stores it); under
+  ``nn.scan`` it is stacked to ``[num_blocks]``, which is summed too, so
+  scanned and unrolled stacks give the same total.
+  """
+  total = jnp.zeros((), jnp.float32)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(intermediates)[0]:
+    if _sown_key(path) == name:
+      total = total + jnp.sum(jnp.asarray(leaf, jnp.float32))
+  return total
+
+
+def has_sown(intermediates: Any, name: str) -> bool:
+  """Whether any layer sowed ``name`` (a static, trace-time fact)."""
+  return any(_sown_key(path) == name for path, _ in
+             jax.tree_util.tree_flatten_with_path(intermediates)[0])
+
+
+def weighted_moe_losses(intermediates: Any, *,
+                        aux_loss_factor: float = DEFAULT_AUX_LOSS_FACTOR,
+                        router_z_loss_factor: float = DEFAULT_ROUTER_Z_LOSS_FACTOR,
+                        cluster_loss_factor: float = DEFAULT_CLUSTER_LOSS_FACTOR,
+                        cmr_budget_loss_factor: float = DEFAULT_CMR_BUDGET_LOSS_FACTOR
+                        ) -> dict[str, jax.Array]:
+  """The weighted MoE loss terms that enter the training loss.
+
+  Each is ``factor * sum over MoE layers`` of the per-layer value the layers
+  sow (:func:`sum_sown`).
+
+  Returns:
+    ``{"aux_loss", "router_z_loss"}`` always, plus ``"cluster_loss"`` (MoEC)
+    and ``"cmr_budget_loss"`` (NLLB CMR) when some layer sowed them; all
+    ``<float32>[]``.
+  """
+  inter = intermediates or {}
+  out = {"aux_loss": aux_loss_factor * sum_sown(inter, mc.AUX_LOSS),
+         "router_z_loss": router_z_loss_factor * sum_sown(inter, mc.Z_LOSS)}
+  for name, factor in ((CLUSTER_LOSS, cluster_loss_factor),
+                       (CMR_BUDGET_LOSS, cmr_budget_loss_factor)):
+    if has_sown(inter, name):
+      out[name] = factor * sum_sown(inter, name)
+  return out
+
+
 def compute_loss(logits: jax.Array, targets: jax.Array,
                  weights: Optional[jax.Array] = None, *,
                  intermediates: Optional[Mapping[str, Any]] = None,
@@ -127,6 +196,8 @@ def compute_loss(logits: jax.Array, targets: jax.Array,
                  label_smoothing: float = 0.0, z_loss: float = DEFAULT_Z_LOSS,
                  aux_loss_factor: float = DEFAULT_AUX_LOSS_FACTOR,
                  router_z_loss_factor: float = DEFAULT_ROUTER_Z_LOSS_FACTOR,
+                 cluster_loss_factor: float = DEFAULT_CLUSTER_LOSS_FACTOR,
+                 cmr_budget_loss_factor: float = DEFAULT_CMR_BUDGET_LOSS_FACTOR,
                  loss_normalizing_factor: Optional[float] = None
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Total training loss and metrics (see the module docstring).
@@ -140,7 +211,8 @@ def compute_loss(logits: jax.Array, targets: jax.Array,
   Returns:
     ``(loss, metrics)``: scalar loss and a flat dict of scalars/vectors:
     ``cross_entropy``, ``z_loss``, ``num_tokens``, ``aux_loss`` /
-    ``router_z_loss`` (weighted sums entering the loss), per-layer
+    ``router_z_loss`` (and, when sown, ``cluster_loss`` / ``cmr_budget_loss``:
+    the weighted sums entering the loss, :func:`weighted_moe_losses`), per-layer
     ``moe/<stack>/layers_<i>/<metric>`` and their means ``moe/<metric>_mean``.
   """
   if weights is None:
@@ -157,13 +229,14 @@ def compute_loss(logits: jax.Array, targets: jax.Array,
   loss = token_loss
   if intermediates:
     per_layer = collect_moe_metrics(intermediates, config)
-    aux = sum((v for k, v in per_layer.items() if k.endswith("/" + mc.AUX_LOSS)),
-              jnp.zeros((), jnp.float32))
-    rz = sum((v for k, v in per_layer.items() if k.endswith("/" + mc.Z_LOSS)),
-             jnp.zeros((), jnp.float32))
-    metrics["aux_loss"] = aux_loss_factor * aux
-    metrics["router_z_loss"] = router_z_loss_factor * rz
-    loss = loss + metrics["aux_loss"] + metrics["router_z_loss"]
+    weighted = weighted_moe_losses(
+        intermediates, aux_loss_factor=aux_loss_factor,
+        router_z_loss_factor=router_z_loss_factor,
+        cluster_loss_factor=cluster_loss_factor,
+        cmr_budget_loss_factor=cmr_budget_loss_factor)
+    metrics.update(weighted)
+    for term in weighted.values():
+      loss = loss + term
     metrics.update({f"moe/{k}": v for k, v in per_layer.items()})
     metrics.update(summarize_moe_metrics(per_layer))
   metrics["loss"] = loss

@@ -47,7 +47,8 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, encoder_input_tokens, encoder_segment_ids=None,
-               encoder_positions=None, *, deterministic: bool = True):
+               encoder_positions=None, encoder_route_ids=None, *,
+               deterministic: bool = True):
     cfg = self.config
     tokens = encoder_input_tokens
     valid = tokens > 0
@@ -61,7 +62,8 @@ class Encoder(nn.Module):
     bias = bias + attn_lib.mask_to_bias(mask, bias.dtype)
     x = LayerStack(cfg, cfg.encoder_layout, cfg.num_encoder_layers, causal=False,
                    cross_attention=False, deterministic=deterministic,
-                   name="layers")(x, bias, padding_mask=valid)
+                   name="layers")(x, bias, padding_mask=valid,
+                                  route_ids=encoder_route_ids)
     x = RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, cfg.jnp_param_dtype,
                 name="encoder_norm")(x)
     return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
@@ -87,7 +89,8 @@ class Decoder(nn.Module):
   def __call__(self, decoder_input_tokens, encoded=None, encoder_valid=None,
                decoder_target_tokens=None, decoder_segment_ids=None,
                decoder_positions=None, encoder_segment_ids=None,
-               decoder_causal_attention=None, *, deterministic: bool = True,
+               decoder_causal_attention=None, decoder_route_ids=None, *,
+               deterministic: bool = True,
                decode: bool = False, max_decode_length: Optional[int] = None):
     cfg = self.config
     tokens = decoder_input_tokens.astype(jnp.int32)
@@ -145,7 +148,8 @@ class Decoder(nn.Module):
     x = LayerStack(cfg, cfg.decoder_layout, cfg.num_decoder_layers, causal=True,
                    cross_attention=self.cross_attention, deterministic=deterministic,
                    decode=decode, name="layers")(
-                       x, self_bias, encoded, cross_bias, query_valid, decode_position)
+                       x, self_bias, encoded, cross_bias, query_valid, decode_position,
+                       decoder_route_ids)
     x = RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, cfg.jnp_param_dtype,
                 name="decoder_norm")(x)
     x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
@@ -171,31 +175,40 @@ class EncoderDecoderModel(nn.Module):
     self.decoder = Decoder(cfg, self.token_embedder, cross_attention=True)
 
   def encode(self, encoder_input_tokens, encoder_segment_ids=None,
-             encoder_positions=None, *, enable_dropout: bool = True):
+             encoder_positions=None, encoder_route_ids=None, *,
+             enable_dropout: bool = True):
     """``<int>[b, s] -> <float>[b, s, embed]``."""
     return self.encoder(encoder_input_tokens, encoder_segment_ids, encoder_positions,
-                        deterministic=not enable_dropout)
+                        encoder_route_ids, deterministic=not enable_dropout)
 
   def decode(self, encoded, encoder_input_tokens, decoder_input_tokens,
              decoder_target_tokens=None, encoder_segment_ids=None,
-             decoder_segment_ids=None, decoder_positions=None, *,
+             decoder_segment_ids=None, decoder_positions=None,
+             decoder_route_ids=None, *,
              enable_dropout: bool = True, decode: bool = False,
              max_decode_length: Optional[int] = None):
     """Decoder logits ``<float>[b, l, vocab]`` given the encoder output."""
     return self.decoder(decoder_input_tokens, encoded, encoder_input_tokens > 0,
                         decoder_target_tokens, decoder_segment_ids, decoder_positions,
-                        encoder_segment_ids, deterministic=not enable_dropout,
+                        encoder_segment_ids, None, decoder_route_ids,
+                        deterministic=not enable_dropout,
                         decode=decode, max_decode_length=max_decode_length)
 
   def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
                encoder_segment_ids=None, decoder_segment_ids=None,
-               encoder_positions=None, decoder_positions=None, *,
+               encoder_positions=None, decoder_positions=None,
+               encoder_route_ids=None, decoder_route_ids=None, *,
                enable_dropout: bool = True, decode: bool = False,
                max_decode_length: Optional[int] = None):
-    """T5X signature -> logits ``<float32>[batch, decoder_length, vocab]``."""
+    """T5X signature -> logits ``<float32>[batch, decoder_length, vocab]``.
+
+    ``encoder_route_ids`` / ``decoder_route_ids`` <int>[batch, length]: each
+    token's task/language id, for ``MoeConfig.routing_level="task"``.
+    """
     encoded = self.encode(encoder_input_tokens, encoder_segment_ids, encoder_positions,
-                          enable_dropout=enable_dropout)
+                          encoder_route_ids, enable_dropout=enable_dropout)
     return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
                        decoder_target_tokens, encoder_segment_ids, decoder_segment_ids,
-                       decoder_positions, enable_dropout=enable_dropout, decode=decode,
+                       decoder_positions, decoder_route_ids,
+                       enable_dropout=enable_dropout, decode=decode,
                        max_decode_length=max_decode_length)

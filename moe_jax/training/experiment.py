@@ -22,6 +22,7 @@ import optax
 
 from moe_jax import models, partitioning
 from moe_jax.data import pipeline
+from moe_jax.training import distillation as distillation_lib
 from moe_jax.training import loop, metrics, optimizers, train_state, train_step
 
 
@@ -51,6 +52,7 @@ class Experiment:
   measure_peak_flops: bool = True
   tensorboard: bool = True
   decode_eval: bool = False
+  distillation: Optional[distillation_lib.DistillationConfig] = None
 
   # -- smoke ------------------------------------------------------------------
   def _jitted_step(self, shardings):
@@ -113,7 +115,7 @@ class Experiment:
 
     abstract, _ = train_state.state_shardings(self.model, self.tx, self.mesh,
                                               self.rules, self.batch_shapes)
-    moe = self.model_config.moe
+    moe = self.model_config.moe or next(iter(self.model_config.moe_configs()), None)
     active = metrics.active_params(abstract.params, moe.num_experts if moe else 1,
                                    moe.num_selected_experts if moe else 1)
     peak = metrics.measure_matmul_peak() if self.measure_peak_flops else None
@@ -132,7 +134,8 @@ class Experiment:
         cfg, loss_cfg=self.loss_config, schedule=self.schedule, eval_data=eval_data,
         model_dir=self.model_dir, initial_checkpoint_path=self.initial_checkpoint_path,
         writers=writers, flops_per_token=metrics.train_flops_per_token(active),
-        peak_flops=peak, log_fn=log_fn, decode_eval_fn=decode_eval_fn)
+        peak_flops=peak, log_fn=log_fn, decode_eval_fn=decode_eval_fn,
+        distillation=self.distillation)
 
 
 def validate(model_config, mesh, batch_size: int, num_microbatches: int) -> None:
@@ -149,18 +152,21 @@ def validate(model_config, mesh, batch_size: int, num_microbatches: int) -> None
     raise ConfigError(
         f"NUM_MICROBATCHES={num_microbatches} must split BATCH_SIZE={batch_size} into "
         f"microbatches whose size is a multiple of {shards} (the batch shards).")
-  if model_config.moe is None:
+  if not model_config.has_moe:
     return
   expert_shards = partitioning.mesh_axis_size(mesh, "expert")
   try:
-    model_config.moe.validate(num_expert_shards=expert_shards)
+    for moe in model_config.moe_configs():  # one per stack (T5Config.stack_moe)
+      moe.validate(num_expert_shards=expert_shards)
   except ValueError as e:
     raise ConfigError(str(e)) from e
   for stack, layout, n in (("encoder", model_config.encoder_layout,
                             model_config.num_encoder_layers),
                            ("decoder", model_config.decoder_layout,
                             model_config.num_decoder_layers)):
-    for layer, e in layout.experts_per_layer(n, model_config.moe.num_experts).items():
+    stack_moe = model_config.stack_moe(stack)
+    default = stack_moe.num_experts if stack_moe else 0
+    for layer, e in layout.experts_per_layer(n, default).items():
       if e % expert_shards:
         raise ConfigError(
             f"{stack} layer {layer} has {e} experts, not divisible by MESH_EXPERT="
@@ -193,7 +199,8 @@ def build_experiment(
     loss_config: Optional[train_step.LossConfig] = None,
     measure_peak_flops: bool = True,
     tensorboard: bool = True,
-    decode_eval: bool = False) -> Experiment:
+    decode_eval: bool = False,
+    distillation: Optional[distillation_lib.DistillationConfig] = None) -> Experiment:
   """Validates the settings against the devices and assembles the run.
 
   Args mirror T5X's run macros (``MODEL_DIR``, ``TRAIN_STEPS``, ...);
@@ -201,11 +208,15 @@ def build_experiment(
   'model'}`` sizes (one ``-1`` allowed). ``optimizer`` defaults to T5's
   Adafactor on ``schedule`` (default rsqrt). ``decode_eval`` adds, at every
   eval, the decode-and-score evaluation of ``moe-eval`` (BLEU, chrF, ...).
+  ``distillation`` trains this model as a Mixture-of-Students student of a
+  teacher checkpoint (:mod:`moe_jax.training.distillation`); the smoke
+  helpers ``init_and_step`` / ``lower_step`` use the plain step.
 
   Raises:
     ConfigError: mesh sizes that do not match the devices, a batch that does
       not divide over the batch axes, experts that do not divide over the
-      expert axis -- before any data is read or anything compiled.
+      expert axis, a distillation teacher that is missing or does not fit
+      -- before any data is read or anything compiled.
   """
   if mixture_or_task_module:
     importlib.import_module(mixture_or_task_module)
@@ -222,6 +233,11 @@ def build_experiment(
   feature_lengths = {"targets": lengths["decoder_target_tokens"]}
   if "encoder_input_tokens" in lengths:
     feature_lengths["inputs"] = lengths["encoder_input_tokens"]
+  if distillation is not None:
+    try:
+      distillation = distillation_lib.resolve(distillation, model_config)
+    except (FileNotFoundError, ValueError) as e:
+      raise ConfigError(str(e)) from e
   schedule = schedule or optimizers.make_schedule("rsqrt")
   tx = optimizer or optimizers.make_optimizer("adafactor", schedule)
   if model_dir and jax.process_index() == 0:
@@ -240,5 +256,5 @@ def build_experiment(
       mixture_or_task_name=mixture_or_task_name, model_type=model_type,
       model_dir=model_dir, initial_checkpoint_path=initial_checkpoint_path,
       pack=pack, data_seed=seed if data_seed is None else data_seed,
-      decode_eval=decode_eval,
+      decode_eval=decode_eval, distillation=distillation,
       measure_peak_flops=measure_peak_flops, tensorboard=tensorboard)

@@ -11,6 +11,11 @@ Non-finite losses stop the run (:class:`NonFiniteLossError`) before a
 checkpoint of the broken state can be written: step ``s``'s loss is checked
 when step ``s+1`` has been dispatched (so the host does not stall the
 device), and always before a save.
+
+With a :class:`~moe_jax.training.distillation.DistillationConfig` the loop
+loads the frozen teacher (unless the run starts at or after ``stop_step``),
+runs the distillation step while ``step < stop_step`` and then switches to
+the plain compiled step, releasing the teacher's params.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import optax
 from jax.sharding import Mesh
 
 from moe_jax import partitioning
+from moe_jax.training import distillation as distillation_lib
 from moe_jax.training import metrics as metrics_lib
 from moe_jax.training import train_state as train_state_lib
 from moe_jax.training import train_step as train_step_lib
@@ -166,7 +172,8 @@ def train(model: nn.Module,
           flops_per_token: Optional[float] = None,
           peak_flops: Optional[float] = None,
           log_fn: Callable[[str], None] = print,
-          decode_eval_fn: Optional[Callable[[int, Any], Mapping[str, float]]] = None
+          decode_eval_fn: Optional[Callable[[int, Any], Mapping[str, float]]] = None,
+          distillation: Optional[distillation_lib.DistillationConfig] = None
           ) -> LoopResult:
   """Runs training to ``cfg.train_steps`` (resuming from MODEL_DIR if saved).
 
@@ -184,6 +191,8 @@ def train(model: nn.Module,
     writers: ``(train_writer, eval_writer)`` clu writers, or ``None``.
     flops_per_token, peak_flops: for the MFU estimate.
     log_fn: where console lines go (primary process only).
+    distillation: Mixture-of-Students settings (teacher checkpoint, weight,
+      temperature, stop step); ``None`` trains on cross-entropy alone.
   """
   is_primary = jax.process_index() == 0
   say = log_fn if is_primary else (lambda _: None)
@@ -215,13 +224,26 @@ def train(model: nn.Module,
       train_step_lib.make_train_step(model, loss_cfg, schedule,
                                      cfg.num_microbatches, mesh),
       shardings, bsh)
+  teacher = None
+  distill_fn = None
+  start = int(jax.device_get(state.step))
+  if distillation is not None and distillation.active_at(start):
+    teacher = distillation_lib.load_teacher(distillation, mesh, rules, batch_shapes)
+    distill_fn = train_step_lib.jit_train_step(
+        train_step_lib.make_train_step(model, loss_cfg, schedule,
+                                       cfg.num_microbatches, mesh,
+                                       distillation=(teacher.model, distillation)),
+        shardings, bsh, teacher.shardings)
+    say(f"Distilling from {distillation.teacher_checkpoint} (weight "
+        f"{distillation.weight}, temperature {distillation.temperature}"
+        + (f", until step {distillation.stop_step})" if distillation.stop_step
+           is not None else ")"))
   eval_fn = jax.jit(train_step_lib.make_eval_step(model, loss_cfg),
                     in_shardings=(shardings.params, bsh))
   train_writer, eval_writer = writers if writers is not None else (None, None)
   tokens_per_step = int(np.prod(batch_shapes["decoder_target_tokens"].shape))
   throughput = metrics_lib.Throughput(flops_per_token or 0.0, peak_flops)
 
-  start = int(jax.device_get(state.step))
   losses: list[float] = []
   eval_history: list[tuple[int, dict]] = []
   pending: Optional[tuple[int, dict]] = None
@@ -237,7 +259,13 @@ def train(model: nn.Module,
           say(f"Training data ran out after step {step}; stopping.")
           stopped_early = True
           break
-        state, m = step_fn(state, global_batch(local, mesh))
+        if teacher is not None and not distillation.active_at(step):
+          say(f"Distillation stopped at step {step}; cross-entropy only from here.")
+          teacher = distill_fn = None  # the plain step has no teacher in it
+        if teacher is not None:
+          state, m = distill_fn(state, global_batch(local, mesh), teacher.params)
+        else:
+          state, m = step_fn(state, global_batch(local, mesh))
         if pending is not None:
           losses.append(_check_finite(*pending))
         pending = (step + 1, m)

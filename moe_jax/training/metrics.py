@@ -90,14 +90,18 @@ def active_params(params: Any, num_experts: int = 1,
   """Parameters a token passes through: expert weights count ``k/E``.
 
   A leaf is an expert weight when its path contains ``expert`` (the
-  ``moe_jax`` naming) and its leading dimension equals ``num_experts``.
+  ``moe_jax`` naming) and its leading dimension equals ``num_experts`` (or,
+  for bi-level routing's ``[E_outer, E_inner, ...]``, its two leading ones
+  multiply to it).
   """
   total = 0.0
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     names = "/".join(_path_names(path)).lower()
     size = float(np.prod(leaf.shape))
-    if (num_experts > 1 and "expert" in names and leaf.ndim >= 3
-        and leaf.shape[0] == num_experts):
+    leading = leaf.shape[0] if leaf.ndim >= 3 else 0
+    if leaf.ndim >= 4 and leaf.shape[0] * leaf.shape[1] == num_experts:
+      leading = num_experts  # bi-level experts: [E_outer, E_inner, ...]
+    if num_experts > 1 and "expert" in names and leading == num_experts:
       size *= num_selected_experts / num_experts
     total += size
   return int(total)
@@ -198,7 +202,9 @@ def format_console(step: int, metrics: Mapping[str, float], prefix: str = "train
     if values:
       parts.append(f"{metric} {sum(values) / len(values):.1f}")
   short = {"aux_loss": "aux", "z_loss": "rz", "dropped_fraction": "drop",
-           "expert_load_max": "load_max", "router_confidence": "conf"}
+           "expert_load_max": "load_max", "router_confidence": "conf",
+           "experts_per_token": "ept", "cmr_gate_mean": "cmr_gate",
+           "aux_loss_outer": "aux_outer", "aux_loss_inner": "aux_inner"}
   moe_mean = [f"{short.get(k.split('/')[-1], k)} {v:.3g}"
               for k, v in sorted(metrics.items()) if k.startswith("moe/mean/")]
   if moe_mean:

@@ -67,7 +67,9 @@ def dummy_batch(batch_size: int, feature_lengths: Mapping[str, int]) -> dict[str
 
 _OPTIONAL_MODEL_FEATURES = ("encoder_segment_ids", "decoder_segment_ids",
                             "encoder_positions", "decoder_positions",
-                            "decoder_causal_attention")
+                            "decoder_causal_attention",
+                            # Task-level MoE routing (layers/task_routing.py).
+                            "encoder_route_ids", "decoder_route_ids")
 
 
 def model_inputs(batch: Mapping[str, Any]) -> tuple[tuple, dict]:
@@ -76,7 +78,7 @@ def model_inputs(batch: Mapping[str, Any]) -> tuple[tuple, dict]:
   Encoder-decoder batches (with ``encoder_input_tokens``) give
   ``(encoder_input_tokens, decoder_input_tokens, decoder_target_tokens)``;
   decoder-only batches ``(decoder_input_tokens, decoder_target_tokens)``.
-  Packing features (segment ids, positions) go by keyword.
+  Packing features (segment ids, positions) and route ids go by keyword.
   """
   args = []
   if "encoder_input_tokens" in batch:

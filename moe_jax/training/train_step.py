@@ -3,8 +3,15 @@
 Loss normalization: the cross-entropy (+ output z-loss) is summed over the
 target tokens of the *global* batch and divided by that batch's number of
 non-padding target tokens, so splitting the batch into microbatches gives
-exactly the full-batch gradient. The MoE auxiliary losses (already weighted
-by the model's loss factors) are averaged over microbatches.
+exactly the full-batch gradient. The MoE auxiliary losses (weighted by the
+loss factors, :func:`moe_jax.models.losses.weighted_moe_losses`) are averaged
+over microbatches.
+
+The forward pass runs inside ``schedule.training_step(state.step)`` so that
+step-annealed layers (``moe_jax.layers.schedule``) see the step, microbatches
+included. With a :class:`~moe_jax.training.distillation.DistillationConfig`
+the step also takes the frozen teacher's params and mixes its soft targets
+into the token loss (Mixture-of-Students; see that module).
 """
 
 from __future__ import annotations
@@ -19,7 +26,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moe_jax import partitioning
+from moe_jax.layers import schedule as step_schedule
 from moe_jax.models import losses
+from moe_jax.training import distillation as distillation_lib
 from moe_jax.training import metrics as metrics_lib
 from moe_jax.training import train_state as train_state_lib
 
@@ -34,28 +43,31 @@ class LossConfig:
     z_loss: output (logit) z-loss factor (T5X: 1e-4).
     aux_loss_factor: Switch load-balancing loss factor (ST-MoE: 1e-2).
     router_z_loss_factor: router z-loss factor (default 0, as in Switch; ST-MoE uses 1e-3).
-      Both MoE losses are SUMMED over MoE layers (see moe_jax/models/losses.py).
     label_smoothing: cross-entropy label smoothing.
+    cluster_loss_factor: MoEC variance-loss factor (1e-2); the term exists
+      only when ``MoeConfig.num_expert_clusters > 0``. Logged as
+      ``moe_cluster_loss``.
+    cmr_budget_loss_factor: NLLB conditional-routing budget-loss factor
+      (paper: 0.1); the term exists only when CMR is on. Logged as
+      ``cmr_budget_loss``.
+    All MoE losses are SUMMED over MoE layers (see moe_jax/models/losses.py).
   """
   z_loss: float = 1e-4
   aux_loss_factor: float = 1e-2
   router_z_loss_factor: float = 0.0
   label_smoothing: float = 0.0
+  # -- MoEC / NLLB CMR loss factors (issue 10) --
+  cluster_loss_factor: float = losses.DEFAULT_CLUSTER_LOSS_FACTOR
+  cmr_budget_loss_factor: float = losses.DEFAULT_CMR_BUDGET_LOSS_FACTOR
 
 
-def _sum_sown(intermediates: Any, name: str) -> jax.Array:
-  """Sum over MoE layers of a sown per-layer scalar.
+_sum_sown = losses.sum_sown
 
-  A layer's value is a scalar; under ``nn.scan`` it is stacked to
-  ``[num_blocks]``, which is summed too, so scanned and unrolled stacks give
-  the same total.
-  """
-  total = jnp.zeros((), jnp.float32)
-  for path, leaf in jax.tree_util.tree_flatten_with_path(intermediates)[0]:
-    last = path[-2] if len(path) >= 2 and not hasattr(path[-1], "key") else path[-1]
-    if getattr(last, "key", None) == name:
-      total = total + jnp.sum(jnp.asarray(leaf, jnp.float32))
-  return total
+# Weighted MoE term (losses.weighted_moe_losses name) -> metric / sums key.
+MOE_LOSS_METRICS = {"aux_loss": "moe_aux_loss",
+                    "router_z_loss": "moe_router_z_loss",
+                    losses.CLUSTER_LOSS: "moe_cluster_loss",
+                    losses.CMR_BUDGET_LOSS: "cmr_budget_loss"}
 
 
 def token_losses(logits: jax.Array, targets: jax.Array, weights: jax.Array,
@@ -90,9 +102,16 @@ def _loss_weights(batch: Batch) -> jax.Array:
 
 
 def forward(model: nn.Module, params: Any, batch: Batch, cfg: LossConfig,
-            rng: Optional[jax.Array], enable_dropout: bool
+            rng: Optional[jax.Array], enable_dropout: bool,
+            teacher: Optional["distillation_lib.TeacherForward"] = None
             ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-  """One forward pass; returns ``(loss_sums, moe_metrics)``."""
+  """One forward pass; returns ``(loss_sums, moe_metrics)``.
+
+  ``loss_sums`` holds the token sums of :func:`token_losses`, the weighted MoE
+  terms (``moe_aux_loss``, ``moe_router_z_loss`` and, when sown,
+  ``moe_cluster_loss`` / ``cmr_budget_loss``) and, with a ``teacher``,
+  ``distillation_sum``: ``sum over target tokens of T^2 KL(teacher || student)``.
+  """
   rngs = None
   if rng is not None:
     keys = jax.random.split(rng, len(train_state_lib.TRAIN_RNG_STREAMS))
@@ -102,10 +121,17 @@ def forward(model: nn.Module, params: Any, batch: Batch, cfg: LossConfig,
       {"params": params}, *args, **kwargs,
       enable_dropout=enable_dropout, rngs=rngs, mutable=["intermediates"])
   inter = mutables.get("intermediates", {})
-  sums = token_losses(logits, batch["decoder_target_tokens"],
-                      _loss_weights(batch), cfg)
-  sums["moe_aux_loss"] = cfg.aux_loss_factor * _sum_sown(inter, "aux_loss")
-  sums["moe_router_z_loss"] = cfg.router_z_loss_factor * _sum_sown(inter, "z_loss")
+  weights = _loss_weights(batch)
+  sums = token_losses(logits, batch["decoder_target_tokens"], weights, cfg)
+  weighted = losses.weighted_moe_losses(
+      inter, aux_loss_factor=cfg.aux_loss_factor,
+      router_z_loss_factor=cfg.router_z_loss_factor,
+      cluster_loss_factor=cfg.cluster_loss_factor,
+      cmr_budget_loss_factor=cfg.cmr_budget_loss_factor)
+  for name, value in weighted.items():
+    sums[MOE_LOSS_METRICS[name]] = value
+  if teacher is not None:
+    sums["distillation_sum"] = teacher.loss_sum(batch, logits, weights)
   return sums, metrics_lib.moe_metrics(inter)
 
 
@@ -126,10 +152,19 @@ def _split_microbatches(batch: Batch, num_microbatches: int, mesh: Optional[Mesh
   return {k: split(v) for k, v in batch.items()}
 
 
+def _moe_loss_keys(sums: Mapping[str, Any]) -> list[str]:
+  return [k for k in MOE_LOSS_METRICS.values() if k in sums]
+
+
 def loss_and_grads(model: nn.Module, params: Any, batch: Batch, cfg: LossConfig,
                    rng: jax.Array, num_microbatches: int = 1,
-                   mesh: Optional[Mesh] = None, enable_dropout: bool = True):
+                   mesh: Optional[Mesh] = None, enable_dropout: bool = True,
+                   teacher: Optional["distillation_lib.TeacherForward"] = None):
   """Gradient of the normalized loss, accumulated over microbatches.
+
+  Without a teacher the loss is ``(CE + z-loss) / tokens + MoE terms``; with
+  one, ``((1-w) CE + w T^2 KL + z-loss) / tokens + MoE terms`` (``w`` =
+  ``teacher.weight``, :mod:`moe_jax.training.distillation`).
 
   Returns:
     ``(grads, metrics)``; ``grads`` has ``params``' structure (float32).
@@ -138,9 +173,12 @@ def loss_and_grads(model: nn.Module, params: Any, batch: Batch, cfg: LossConfig,
   m = num_microbatches
 
   def micro_loss(p, mb, mb_rng):
-    sums, moe = forward(model, p, mb, cfg, mb_rng, enable_dropout)
-    loss = ((sums["cross_entropy_sum"] + sums["z_loss_sum"]) / total_tokens
-            + (sums["moe_aux_loss"] + sums["moe_router_z_loss"]) / m)
+    sums, moe = forward(model, p, mb, cfg, mb_rng, enable_dropout, teacher)
+    ce = sums["cross_entropy_sum"]
+    if teacher is not None:
+      ce = distillation_lib.mix(ce, sums["distillation_sum"], teacher.weight)
+    loss = ((ce + sums["z_loss_sum"]) / total_tokens
+            + sum(sums[k] for k in _moe_loss_keys(sums)) / m)
     return loss, (sums, moe)
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -176,24 +214,32 @@ def loss_and_grads(model: nn.Module, params: Any, batch: Batch, cfg: LossConfig,
       "cross_entropy": sums["cross_entropy_sum"] / total_tokens,
       "z_loss": sums["z_loss_sum"] / total_tokens,
       "accuracy": sums["correct_sum"] / total_tokens,
-      "moe_aux_loss": sums["moe_aux_loss"] / m,
-      "moe_router_z_loss": sums["moe_router_z_loss"] / m,
+      **{k: sums[k] / m for k in _moe_loss_keys(sums)},
       "num_tokens": sums["num_tokens"],
       **moe,
   }
+  if teacher is not None:
+    metrics["distillation_kl"] = sums["distillation_sum"] / total_tokens
   return grads, metrics
 
 
 def make_train_step(model: nn.Module, cfg: LossConfig,
                     schedule: Optional[optax.Schedule] = None,
-                    num_microbatches: int = 1, mesh: Optional[Mesh] = None
-                    ) -> Callable[[train_state_lib.TrainState, Batch], tuple]:
-  """``train_step(state, batch) -> (new_state, metrics)`` (not yet jitted)."""
+                    num_microbatches: int = 1, mesh: Optional[Mesh] = None,
+                    distillation: Optional[tuple[nn.Module, "distillation_lib.DistillationConfig"]] = None
+                    ) -> Callable[..., tuple]:
+  """``train_step(state, batch) -> (new_state, metrics)`` (not yet jitted).
 
-  def train_step(state: train_state_lib.TrainState, batch: Batch):
+  With ``distillation=(teacher_model, DistillationConfig)`` the step is
+  ``train_step(state, batch, teacher_params)`` and adds the Mixture-of-Students
+  term (:mod:`moe_jax.training.distillation`).
+  """
+
+  def step_body(state, batch, teacher):
     rng = jax.random.fold_in(state.rng, state.step)
-    grads, metrics = loss_and_grads(model, state.params, batch, cfg, rng,
-                                    num_microbatches, mesh)
+    with step_schedule.training_step(state.step):
+      grads, metrics = loss_and_grads(model, state.params, batch, cfg, rng,
+                                      num_microbatches, mesh, teacher=teacher)
     grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
     metrics["grad_norm"] = optax.global_norm(grads)
     if schedule is not None:
@@ -202,7 +248,20 @@ def make_train_step(model: nn.Module, cfg: LossConfig,
     metrics["param_norm"] = optax.global_norm(new_state.params)
     return new_state, metrics
 
-  return train_step
+  if distillation is None:
+    def train_step(state: train_state_lib.TrainState, batch: Batch):
+      return step_body(state, batch, None)
+    return train_step
+
+  teacher_model, distill_cfg = distillation
+
+  def distill_train_step(state: train_state_lib.TrainState, batch: Batch,
+                         teacher_params: Any):
+    teacher = distillation_lib.TeacherForward(
+        teacher_model, teacher_params, distill_cfg.temperature, distill_cfg.weight)
+    return step_body(state, batch, teacher)
+
+  return distill_train_step
 
 
 def make_eval_step(model: nn.Module, cfg: LossConfig) -> Callable[[Any, Batch], dict]:
@@ -215,10 +274,18 @@ def make_eval_step(model: nn.Module, cfg: LossConfig) -> Callable[[Any, Batch], 
   return eval_step
 
 
-def jit_train_step(train_step, state_shardings, batch_sharding):
-  """Jits with in/out shardings and the state donated."""
+def jit_train_step(train_step, state_shardings, batch_sharding,
+                   teacher_shardings: Any = None):
+  """Jits with in/out shardings and the state donated.
+
+  ``teacher_shardings`` (the teacher params' shardings) is for a distillation
+  step, whose third argument is the teacher's params (not donated).
+  """
+  in_shardings = (state_shardings, batch_sharding)
+  if teacher_shardings is not None:
+    in_shardings += (teacher_shardings,)
   return jax.jit(train_step,
-                 in_shardings=(state_shardings, batch_sharding),
+                 in_shardings=in_shardings,
                  out_shardings=(state_shardings, None),
                  donate_argnums=(0,))
 

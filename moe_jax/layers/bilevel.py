@@ -1,0 +1,354 @@
+"""Bi-level (hierarchical) routing, after SMILE (He et al. 2022).
+
+The ``E`` experts are laid out as ``E_o x E_i``: ``E_o`` *outer* groups
+(nodes; the outer level lives on the slow, cross-host mesh axis, ``data`` by
+default through the logical axis ``expert_outer``) of ``E_i`` *inner*
+experts (on the fast, in-host ``expert`` mesh axis). Flat expert ``e`` is
+``(o, i) = divmod(e, E_i)``.
+
+Data flow for ``x: <float>[batch, length, D]`` grouped into ``[G, S, D]``:
+
+  1. outer router ``[D, E_o]``: each token picks one outer group (top-1,
+     outer capacity ``C1``); dispatch ``[E_o, G, C1, D]``;
+  2. **all-to-all #1**: ``E_o`` moves onto the outer mesh axis, the groups
+     leave it -- an exchange only among devices that share every other
+     coordinate (the outer sub-axis groups);
+  3. inner router of outer group ``o`` (kernel ``[E_o, D, E_i]``, sharded
+     with ``o``) routes the ``C1`` slots of every ``(o, g)`` to its top-k
+     inner experts (capacity ``C2``); dispatch ``[E_i, E_o, G, C2, D]``;
+  4. **all-to-all #2**: ``E_i`` moves onto the ``expert`` axis (the inner
+     sub-axis groups, within a host);
+  5. experts ``[E_o, E_i, D, F]`` run as batched matmuls; both steps are
+     undone in reverse order and combined with weight ``gate_outer *
+     gate_inner``, so the task loss trains both routers.
+
+Capacities: ``C1 = capacity(S, E_o, k=1)``; ``C2 = min(C1, capacity(S, E,
+k))`` -- an inner expert gets the same number of slots as a flat-routed
+expert. With ``E_o = 1`` the outer gate is 1, ``C1 = S`` and the layer is
+exactly flat top-k routing (tested).
+
+Losses sown into ``intermediates`` (unweighted): ``aux_loss_outer`` (Switch
+loss over the ``E_o`` groups), ``aux_loss_inner`` (Switch loss of each
+non-empty inner group ``(o, g)``, averaged), ``aux_loss`` = their sum,
+``z_loss`` = the sum of both routers' z-losses, plus the usual
+``dropped_fraction``, ``expert_load`` [E] and ``router_confidence`` (of the
+inner router).
+
+The function runs inside ``MoeLayer``'s scope (``layer``) so parameters and
+sown values sit where flat routing puts them: ``router_outer_kernel``
+``[D, E_o]``, ``router_inner_kernel`` ``[E_o, D, E_i]`` and ``experts/{wi_0,
+wi_1 | wi, wo}`` ``[E_o, E_i, ...]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_jax import partitioning
+from moe_jax.layers import experts as experts_lib
+from moe_jax.layers import routing
+
+Array = jax.Array
+
+AUX_LOSS_OUTER = "aux_loss_outer"
+AUX_LOSS_INNER = "aux_loss_inner"
+# Logical axis of the outer level (partitioning.standard_logical_rules maps it).
+OUTER_LOGICAL_AXIS = "expert_outer"
+DEFAULT_OUTER_MESH_AXES = ("data",)
+
+# Private logical names for the two intermediate layouts (resolved per call).
+_OUTER = "bilevel_outer"
+_INNER = "bilevel_inner"
+_GROUPS_AFTER_OUTER = "bilevel_groups_after_outer"
+_GROUPS_AFTER_BOTH = "bilevel_groups_after_both"
+_OUTER_THEN_GROUPS = "bilevel_outer_then_groups"
+
+
+def _as_tuple(x) -> tuple:
+  if x is None:
+    return ()
+  return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _first_rule(rules, name, default=None):
+  for logical, mesh_axes in rules:
+    if logical == name:
+      return mesh_axes
+  return default
+
+
+def level_mesh_axes(rules) -> dict[str, tuple[str, ...]]:
+  """Mesh axes of each level and of the token groups between the all-to-alls.
+
+  Returns:
+    ``{"outer", "inner", "batch", "groups_after_outer", "groups_after_both"}``
+    -> tuples of mesh axis names. Groups start on the ``batch`` axes; all-to-
+    all #1 takes the outer axes from them, #2 the inner axes.
+  """
+  outer = _as_tuple(_first_rule(rules, OUTER_LOGICAL_AXIS, DEFAULT_OUTER_MESH_AXES))
+  inner = _as_tuple(_first_rule(rules, "expert"))
+  batch = _as_tuple(_first_rule(rules, "batch", partitioning.BATCH_MESH_AXES))
+  after_outer = tuple(a for a in batch if a not in outer)
+  after_both = tuple(a for a in after_outer if a not in inner)
+  return dict(outer=outer, inner=inner, batch=batch,
+              groups_after_outer=after_outer, groups_after_both=after_both)
+
+
+def _constrain(x: Array, names: Sequence[Optional[str]]) -> Array:
+  """Logical sharding constraint with the bi-level layout names resolved.
+
+  A no-op without an active mesh and logical rules (unsharded runs).
+  """
+  rules = nn.get_logical_axis_rules()
+  if not rules or partitioning.current_mesh() is None:
+    return x
+  axes = level_mesh_axes(rules)
+  local = ((_OUTER, axes["outer"] or None), (_INNER, axes["inner"] or None),
+           (_GROUPS_AFTER_OUTER, axes["groups_after_outer"] or None),
+           (_GROUPS_AFTER_BOTH, axes["groups_after_both"] or None),
+           (_OUTER_THEN_GROUPS, (axes["outer"] + axes["groups_after_outer"]) or None)
+           ) + tuple(rules)
+  return nn.with_logical_constraint(x, tuple(names), rules=local)
+
+
+def validate_mesh(num_outer: int, num_inner: int, mesh: Optional[Any], rules) -> None:
+  """Raises ``ValueError`` if the levels cannot be sharded evenly on ``mesh``."""
+  if mesh is None or not rules:
+    return
+  axes = level_mesh_axes(rules)
+  n_outer = partitioning.mesh_axis_size(mesh, axes["outer"])
+  n_inner = partitioning.mesh_axis_size(mesh, axes["inner"])
+  if num_outer % n_outer:
+    raise ValueError(
+        f"bilevel_outer_size={num_outer} is not divisible by the outer mesh axes "
+        f"{axes['outer']} of size {n_outer}; use a multiple of {n_outer} outer "
+        "groups (usually exactly the number of hosts/slices on that axis).")
+  if num_inner % n_inner:
+    raise ValueError(
+        f"num_experts / bilevel_outer_size = {num_inner} inner experts is not "
+        f"divisible by the inner mesh axes {axes['inner']} of size {n_inner}; "
+        "change num_experts or bilevel_outer_size.")
+
+
+def _gather_slots(tokens: Array, slot_token: Array) -> Array:
+  """<float>[N, S, D], <int32>[N, E, C] (S = empty) -> <float>[N, E, C, D]."""
+  padded = jnp.concatenate([tokens, jnp.zeros_like(tokens[:, :1])], axis=1)
+  return jax.vmap(lambda t, idx: t[idx])(padded, slot_token)
+
+
+def _scatter_slots(out: Array, slot_token: Array, slot_weight: Array,
+                   s: int) -> Array:
+  """Weighted sum of slot outputs onto tokens.
+
+  Args:
+    out: <float>[N, E, C, D]; slot_token: <int32>[N, E, C];
+    slot_weight: <float32>[N, E, C].
+  Returns:
+    <float>[N, S, D].
+  """
+  d = out.shape[-1]
+  weighted = out * slot_weight[..., None].astype(out.dtype)
+
+  def one(w, idx):
+    return jnp.zeros((s + 1, d), w.dtype).at[idx.reshape(-1)].add(
+        w.reshape(-1, d))[:s]
+
+  return jax.vmap(one)(weighted, slot_token)
+
+
+class BilevelExpertWeights(nn.Module):
+  """Expert weights ``[E_o, E_i, ...]`` with logical axes ``('expert_outer',
+  'expert', ...)``; returns them cast to ``dtype``."""
+  num_outer: int
+  num_inner: int
+  d_model: int
+  d_ff: int
+  activations: Sequence[str] = ("gelu", "linear")
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self) -> dict[str, Array]:
+    eo, ei, d, f = self.num_outer, self.num_inner, self.d_model, self.d_ff
+    init = nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
+        batch_axis=(0, 1))
+    names = ["wi_0", "wi_1"] if len(self.activations) == 2 else ["wi"]
+    shapes = {n: ((eo, ei, d, f), (OUTER_LOGICAL_AXIS, "expert", "embed", "mlp"))
+              for n in names}
+    shapes["wo"] = ((eo, ei, f, d), (OUTER_LOGICAL_AXIS, "expert", "mlp", "embed"))
+    return {n: jnp.asarray(self.param(n, nn.with_logical_partitioning(init, axes),
+                                      shape, self.param_dtype), self.dtype)
+            for n, (shape, axes) in shapes.items()}
+
+
+def _capacities(c, s: int, deterministic: bool, decode: bool) -> tuple[int, int]:
+  """(C1, C2): outer slots per (group, outer group); inner slots per expert."""
+  eo, k = c.bilevel_outer_size, c.num_selected_experts
+  if decode and c.capacity_factor_decode is None:
+    return s, s
+  factor = (c.capacity_factor_decode if decode else
+            c.capacity_factor_eval if deterministic else c.capacity_factor_train)
+  c1 = routing.expert_capacity(s, eo, 1, factor, c.min_expert_capacity)
+  c2 = routing.expert_capacity(s, c.num_experts, k, factor, c.min_expert_capacity)
+  return c1, min(c1, c2)
+
+
+def bilevel_moe(layer: nn.Module, x: Array, padding_mask: Optional[Array], *,
+                deterministic: bool, decode: bool) -> Array:
+  """The bi-level MoE forward pass, run in ``layer``'s (a ``MoeLayer``) scope.
+
+  Args:
+    layer: the calling ``MoeLayer`` (its config, dtypes, params, rngs, sow).
+    x: <float>[batch, length, D].
+    padding_mask: <bool|int>[batch, length] or None.
+    deterministic / decode: as ``MoeLayer``.
+  Returns:
+    <float>[batch, length, D] in ``layer.dtype``.
+  """
+  from moe_jax.layers import moe as moe_lib  # pylint: disable=g-import-not-at-top
+  c = layer.config
+  eo = c.bilevel_outer_size
+  ei = c.num_experts // eo
+  k = c.num_selected_experts
+  mesh = partitioning.current_mesh()
+  validate_mesh(eo, ei, mesh, nn.get_logical_axis_rules())
+  train = not deterministic
+  b, l, d = x.shape
+  x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+  n_batch = partitioning.mesh_axis_size(mesh, partitioning.BATCH_MESH_AXES)
+  g = moe_lib.choose_num_groups(b, l, c.group_size, n_batch)
+  s = b * l // g
+  c1, c2 = _capacities(c, s, deterministic, decode)
+  mask = (jnp.ones((g, s), jnp.float32) if padding_mask is None
+          else padding_mask.reshape(g, s).astype(jnp.float32))
+  rng_outer = rng_inner = None
+  if c.priority == "random":
+    key = layer.make_rng("routing") if train else jax.random.key(0)
+    rng_outer, rng_inner = jax.random.split(key)
+
+  def jitter(v):
+    if not train or c.jitter_noise <= 0:
+      return v
+    return v * jax.random.uniform(layer.make_rng("jitter"), v.shape,
+                                  minval=1.0 - c.jitter_noise,
+                                  maxval=1.0 + c.jitter_noise)
+
+  def kernel(name, shape, axes):
+    w = layer.param(name, nn.with_logical_partitioning(
+        nn.initializers.normal(stddev=c.router_init_stddev), axes), shape, jnp.float32)
+    return jnp.asarray(w, jnp.float32)
+
+  # --- level 1: outer routing on the source devices ------------------------
+  w_outer = kernel("router_outer_kernel", (d, eo), ("embed", "unmodeled"))
+  w_inner = kernel("router_inner_kernel", (eo, d, ei),
+                   (OUTER_LOGICAL_AXIS, "embed", "unmodeled"))
+  logits_o = jnp.einsum("bld,do->blo", jitter(x.astype(jnp.float32)), w_outer)
+  logits_o = _constrain(logits_o.reshape(g, s, eo), ("batch", "length", None))
+  outer = routing.TokensChooseRouter(
+      num_selected_experts=1, priority=c.priority).route(logits_o, mask, c1, rng_outer)
+  xg = _constrain(x.astype(layer.dtype).reshape(g, s, d), ("batch", "length", None))
+  # All-to-all #1 (and back). Groups are split as [Gd, Gr]: Gd over the outer
+  # mesh axes, Gr over the remaining batch axes, so that exchanging Gd for
+  # E_o only pairs devices along the outer axes. After the exchange a device
+  # holds one outer group's slots from every Gd; they are merged, with Gr, into
+  # N = E_o * Gr * Gd inner routing groups (sharded like the batch).
+  gd = partitioning.mesh_axis_size(
+      mesh, level_mesh_axes(nn.get_logical_axis_rules() or ())["outer"])
+  gd = gd if g % gd == 0 else 1  # G is a multiple of the batch shards: always divides
+  gr, n = g // gd, eo * g
+
+  def to_outer(a: Array) -> Array:
+    """<T>[G, E_o, C1, ...] (group-sharded) -> <T>[N, C1, ...] at the outer group."""
+    tail = (None,) * (a.ndim - 2)
+    a = jnp.moveaxis(a.reshape(gd, gr, *a.shape[1:]), 2, 0)  # [E_o, Gd, Gr, C1, ...]
+    a = _constrain(a, (None, _OUTER, _GROUPS_AFTER_OUTER) + tail)
+    a = _constrain(a, (_OUTER, None, _GROUPS_AFTER_OUTER) + tail)  # all-to-all
+    a = jnp.swapaxes(a, 1, 2).reshape(n, *a.shape[3:])  # [N, C1, ...]
+    return _constrain(a, (_OUTER_THEN_GROUPS,) + tail)
+
+  def from_outer(a: Array) -> Array:
+    """Inverse of ``to_outer``: <T>[N, C1, ...] -> <T>[G, E_o, C1, ...]."""
+    tail = (None,) * (a.ndim - 1)
+    a = jnp.swapaxes(a.reshape(eo, gr, gd, *a.shape[1:]), 1, 2)  # [E_o,Gd,Gr,C1,...]
+    a = _constrain(a, (_OUTER, None, _GROUPS_AFTER_OUTER) + tail)
+    a = _constrain(a, (None, _OUTER, _GROUPS_AFTER_OUTER) + tail)  # all-to-all
+    return jnp.moveaxis(a, 0, 2).reshape(g, eo, *a.shape[3:])
+
+  xo = to_outer(_gather_slots(xg, outer.slot_token))  # [N, C1, D]
+  mask_i = to_outer((outer.slot_token < s).astype(jnp.float32))  # [N, C1]
+
+  # --- level 2: inner routing inside each outer group ----------------------
+  xo_by_outer = jitter(xo.astype(jnp.float32)).reshape(eo, gr * gd, c1, d)
+  logits_i = jnp.einsum("omcd,ode->omce", xo_by_outer, w_inner).reshape(n, c1, ei)
+  logits_i = _constrain(logits_i, (_OUTER_THEN_GROUPS, "length", None))
+  inner = routing.TokensChooseRouter(
+      num_selected_experts=k, priority=c.priority,
+      renormalize_top_k=c.renormalize_top_k).route(logits_i, mask_i, c2, rng_inner)
+  xi = _gather_slots(xo, inner.slot_token)  # [N, E_i, C2, D]
+  xi = jnp.moveaxis(xi.reshape(eo, gr, gd, ei, c2, d), 3, 0)  # [E_i,E_o,Gr,Gd,C2,D]
+  layout_before = (None, _OUTER, _GROUPS_AFTER_OUTER, None, "length", None)
+  layout_expert = (_INNER, _OUTER, _GROUPS_AFTER_BOTH, None, "length", None)
+  xi = _constrain(xi, layout_before)
+  xi = _constrain(xi, layout_expert)  # all-to-all #2
+
+  # --- experts --------------------------------------------------------------
+  weights = BilevelExpertWeights(
+      num_outer=eo, num_inner=ei, d_model=d, d_ff=c.d_ff, activations=c.activations,
+      dtype=layer.dtype, param_dtype=layer.param_dtype, name="experts")()
+  pre = [jnp.einsum("iorgcd,oidf->iorgcf", xi, w)
+         for w in experts_lib.input_kernels(weights)]
+  h = experts_lib.hidden_activation(pre, c.activations)
+  h = _constrain(h, layout_expert[:-1] + ("mlp",))
+  rate = c.expert_dropout_rate if train else 0.0
+  h = experts_lib.dropout(h, rate, layer.make_rng("dropout") if rate > 0 else None)
+  out = jnp.einsum("iorgcf,oifd->iorgcd", h, weights["wo"])
+  out = _constrain(out, layout_expert)
+
+  # --- undo both levels -----------------------------------------------------
+  out = _constrain(out, layout_before)  # all-to-all #2 back
+  out = jnp.moveaxis(out, 0, 3).reshape(n, ei, c2, d)
+  yo = _scatter_slots(out, inner.slot_token, inner.slot_weight, c1)  # [N, C1, D]
+  yo = _constrain(yo, (_OUTER_THEN_GROUPS, "length", None))
+  y = _scatter_slots(from_outer(yo), outer.slot_token, outer.slot_weight, s)
+  y = nn.with_logical_constraint(y.reshape(b, l, d).astype(layer.dtype),
+                                 ("batch", "length", "embed"))
+  _sow(layer, outer, inner, mask, mask_i, eo=eo, k=k)
+  return y
+
+
+def _sow(layer, outer: routing.RoutingDecision, inner: routing.RoutingDecision,
+         mask: Array, inner_mask: Array, *, eo: int, k: int) -> None:
+  """Sows the per-level and the combined metrics into ``intermediates``.
+
+  Args:
+    outer: the outer decision over ``[G, S, E_o]``.
+    inner: the inner decision over ``[N, C1, E_i]``, ``N = E_o * G`` inner
+      groups, outer-group major.
+    mask: <float32>[G, S] real tokens; inner_mask: <float32>[N, C1] filled
+      outer slots (the inner router's tokens).
+  """
+  from moe_jax.layers import moe_config as cfg_lib  # pylint: disable=g-import-not-at-top
+  n, c1 = inner_mask.shape
+  ei = inner.slot_token.shape[1]
+  # inner.aux_loss is a mean over all E_o*G inner groups; average over the
+  # non-empty ones instead (an empty group has no load to balance).
+  nonempty = jnp.sum(jnp.max(inner_mask, axis=-1))
+  aux_inner = inner.aux_loss * n / jnp.maximum(nonempty, 1.0)
+  aux_outer = outer.aux_loss
+  layer.sow("intermediates", AUX_LOSS_OUTER, aux_outer)
+  layer.sow("intermediates", AUX_LOSS_INNER, aux_inner)
+  layer.sow("intermediates", cfg_lib.AUX_LOSS, aux_outer + aux_inner)
+  layer.sow("intermediates", cfg_lib.Z_LOSS, outer.z_loss + inner.z_loss)
+  real = jnp.maximum(jnp.sum(mask) * k, 1.0)
+  kept = jnp.sum((inner.slot_token < c1).astype(jnp.float32))
+  layer.sow("intermediates", cfg_lib.DROPPED_FRACTION, 1.0 - kept / real)
+  chosen = jax.nn.one_hot(inner.expert_index, ei, dtype=jnp.float32)  # [E_o*G,C1,K,E_i]
+  chosen = chosen * inner_mask[..., None, None]
+  load = jnp.sum(chosen.reshape(eo, -1, ei), axis=1).reshape(eo * ei)
+  layer.sow("intermediates", cfg_lib.EXPERT_LOAD, load / real)
+  layer.sow("intermediates", cfg_lib.ROUTER_CONFIDENCE, inner.router_confidence)

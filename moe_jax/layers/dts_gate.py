@@ -1,0 +1,190 @@
+"""Dense-to-sparse gate (DTS-Gate; Nie et al. 2021, "Dense-to-Sparse Gate for
+Mixture-of-Experts", later EvoMoE, arXiv:2112.14397).
+
+Training starts dense and becomes sparse as a temperature anneals:
+
+    gate = softmax((logits + gumbel) / tau(step))          <float32>[G, S, E]
+    token t reaches expert e  iff  gate[t, e] > threshold   (its best expert always)
+    combine weight of (t, e) = gate[t, e]                   (no renormalisation)
+
+With a high ``tau`` the Gumbel-softmax is nearly uniform, so every gate value
+exceeds a small threshold and a token reaches (almost) every expert; as
+``tau -> 0`` the distribution collapses onto one (noisy) expert. In eval (no
+RNG) the router is plain top-k on ``softmax(logits)`` -- exactly
+:class:`~moe_jax.layers.routing.TokensChooseRouter`.
+
+The step comes from :func:`moe_jax.layers.schedule.current_step` (``None``,
+outside a training step, means the end of the schedule).
+
+Capacity: a token can reach up to ``E`` experts, so ``k * capacity_factor``
+capacity is far too small early on. ``train_capacity="all_tokens"`` (default,
+as the authors' released code) gives every expert room for every token of its
+group (``C = S``): nothing is ever dropped, and the expert compute costs up to
+``E`` dense MLPs per token -- the dense phase is dense by design.
+``train_capacity="capacity_factor"`` keeps the capacity the layer computed
+(``capacity_factor_train * k * S / E``): cheap, but assignments beyond it are
+dropped (each token's highest gate claims first, GShard order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from moe_jax.layers import routing
+from moe_jax.layers import schedule
+
+Array = jax.Array
+
+ANNEAL_SCHEDULES = ("linear", "exponential")
+TRAIN_CAPACITIES = ("all_tokens", "capacity_factor")
+
+
+def temperature(step: Optional[Array], tau_start: float, tau_end: float,
+                anneal_steps: int, kind: str = "linear") -> Array:
+  """Gumbel-softmax temperature at ``step`` (<float32>[]).
+
+  ``frac = clip(step / anneal_steps, 0, 1)``;
+  linear: ``tau_start + (tau_end - tau_start) * frac``;
+  exponential: ``tau_start * (tau_end / tau_start) ** frac``.
+  ``step=None`` (eval, or no training step published) gives ``tau_end``.
+  """
+  if kind not in ANNEAL_SCHEDULES:
+    raise ValueError(f"Unknown anneal schedule {kind!r}; use one of {ANNEAL_SCHEDULES}.")
+  if step is None:
+    return jnp.asarray(tau_end, jnp.float32)
+  frac = jnp.clip(jnp.asarray(step, jnp.float32) / max(anneal_steps, 1), 0.0, 1.0)
+  if kind == "linear":
+    return tau_start + (tau_end - tau_start) * frac
+  return tau_start * (tau_end / tau_start) ** frac
+
+
+def gumbel_gates(logits: Array, gumbel: Array, tau: Array) -> Array:
+  """``softmax((logits + gumbel) / tau)`` over experts; all <float32>[G, S, E]."""
+  return jax.nn.softmax((logits + gumbel) / tau, axis=-1)
+
+
+def select_experts(gates: Array, threshold: float) -> Array:
+  """<bool>[G, S, E]: gate above ``threshold``, or the token's best expert."""
+  best = jax.nn.one_hot(jnp.argmax(gates, axis=-1), gates.shape[-1], dtype=jnp.bool_)
+  return (gates > threshold) | best
+
+
+def experts_per_token(decision: routing.RoutingDecision, padding_mask: Optional[Array],
+                      tokens_per_group: int) -> Array:
+  """Mean number of experts a real token reaches (<float32>[]).
+
+  Counts the filled slots of the decision (after capacity, so drops lower
+  it): ``k`` minus drops for top-k, between 1 and ``E`` for this gate.
+
+  Args:
+    decision: a capacity-based decision (``slot_token`` <int32>[G, E, C]).
+    padding_mask: <float>[G, S] or None (all tokens real).
+    tokens_per_group: ``S`` (the empty-slot marker in ``slot_token``).
+  """
+  filled = jnp.sum((decision.slot_token < tokens_per_group).astype(jnp.float32))
+  g = decision.slot_token.shape[0]
+  tokens = (g * tokens_per_group if padding_mask is None
+            else jnp.sum(padding_mask.astype(jnp.float32)))
+  return filled / jnp.maximum(tokens, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseToSparseRouter:
+  """Gumbel-softmax gate with an annealed temperature and a threshold.
+
+  Attributes:
+    num_selected_experts: ``k`` of the plain top-k routing used in eval.
+    renormalize_top_k: eval top-k renormalises its gates (as tokens-choose).
+    tau_start, tau_end, anneal_steps, anneal_schedule: see :func:`temperature`.
+    threshold: a token reaches every expert whose gate value exceeds this.
+    train_capacity: ``"all_tokens"`` or ``"capacity_factor"`` (module doc).
+  """
+  num_selected_experts: int = 1
+  renormalize_top_k: bool = True
+  tau_start: float = 5.0
+  tau_end: float = 0.01
+  anneal_steps: int = 50_000
+  anneal_schedule: str = "linear"
+  threshold: float = 0.02
+  train_capacity: str = "all_tokens"
+
+  def route(self, logits: Array, padding_mask: Optional[Array], capacity: int,
+            rng: Optional[Array] = None) -> routing.RoutingDecision:
+    """See ``routing.Router``. ``rng`` given = training (Gumbel gate);
+    ``rng=None`` = eval (plain top-k with ``capacity``)."""
+    if rng is None:
+      return routing.TokensChooseRouter(
+          num_selected_experts=self.num_selected_experts,
+          renormalize_top_k=self.renormalize_top_k).route(logits, padding_mask, capacity)
+    logits = logits.astype(jnp.float32)
+    g, s, e = logits.shape
+    mask = (jnp.ones((g, s), jnp.float32) if padding_mask is None
+            else padding_mask.astype(jnp.float32))
+    tau = temperature(schedule.current_step(), self.tau_start, self.tau_end,
+                      self.anneal_steps, self.anneal_schedule)
+    gates = gumbel_gates(logits, jax.random.gumbel(rng, logits.shape, jnp.float32), tau)
+    selected = select_experts(gates, self.threshold) & (mask[..., None] > 0)
+    cap = s if self.train_capacity == "all_tokens" else capacity
+
+    # Each token's experts in decreasing gate order; claims are made rank-major
+    # (every token's best expert, then every token's second, ...), tokens in
+    # position order within a rank.
+    order = jnp.argsort(-gates, axis=-1).astype(jnp.int32)  # [G, S, E]
+    sel_sorted = jnp.take_along_axis(selected, order, axis=-1)  # [G, S, J]
+    gate_sorted = jnp.take_along_axis(gates, order, axis=-1) * sel_sorted
+    claims = jax.nn.one_hot(order, e, dtype=jnp.int32) * sel_sorted[..., None]
+    claims = jnp.swapaxes(claims, 1, 2).reshape(g, e * s, e)  # [G, J*S, E]
+    before = jnp.cumsum(claims, axis=1) - claims
+    position = jnp.swapaxes(jnp.sum(before * claims, axis=-1).reshape(g, e, s), 1, 2)
+    keep = sel_sorted & (position < cap)  # [G, S, J]
+    slot = jnp.where(keep, order * cap + position, e * cap)
+    token_ids = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[:, None], (s, e))
+
+    def scatter(slot_g, gate_g):
+      tok = jnp.full((e * cap,), s, jnp.int32).at[slot_g.reshape(-1)].set(
+          token_ids.reshape(-1), mode="drop")
+      wt = jnp.zeros((e * cap,), jnp.float32).at[slot_g.reshape(-1)].set(
+          gate_g.reshape(-1), mode="drop")
+      return tok, wt
+
+    slot_token, slot_weight = jax.vmap(scatter)(slot, jnp.where(keep, gate_sorted, 0.0))
+
+    probs = jax.nn.softmax(logits, axis=-1)
+    selected_f = selected.astype(jnp.float32)
+    n_real = jnp.maximum(jnp.sum(mask), 1.0)
+    n_selected = jnp.maximum(jnp.sum(selected_f), 1.0)
+    kept_per_expert = jnp.sum(
+        jax.nn.one_hot(order, e, dtype=jnp.float32) * keep[..., None], axis=(0, 1, 2))
+    # Switch-style balance loss with f_e = share of real tokens that reach e
+    # (sum_e f_e = experts per token); P_e = mean clean router probability.
+    f = jnp.sum(selected_f, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)[:, None]
+    p = jnp.sum(probs * mask[..., None], axis=1) / jnp.maximum(
+        jnp.sum(mask, axis=1), 1.0)[:, None]
+    return routing.RoutingDecision(
+        slot_token=slot_token.reshape(g, e, cap),
+        slot_weight=slot_weight.reshape(g, e, cap),
+        expert_index=order,
+        expert_weight=jnp.where(keep, gate_sorted, 0.0),
+        aux_loss=jnp.mean(jnp.sum(f * p, axis=-1)) * e,
+        z_loss=routing.router_z_loss(logits, mask),
+        dropped_fraction=1.0 - jnp.sum(keep.astype(jnp.float32)) / n_selected,
+        expert_load=kept_per_expert / jnp.maximum(jnp.sum(kept_per_expert), 1.0),
+        router_confidence=jnp.sum(probs.max(-1) * mask) / n_real,
+    )
+
+
+def from_config(config) -> DenseToSparseRouter:
+  """The router a ``MoeConfig`` with ``router_type='dense_to_sparse'`` asks for."""
+  return DenseToSparseRouter(
+      num_selected_experts=config.num_selected_experts,
+      renormalize_top_k=config.renormalize_top_k,
+      tau_start=config.dts_tau_start,
+      tau_end=config.dts_tau_end,
+      anneal_steps=config.dts_anneal_steps,
+      anneal_schedule=config.dts_anneal_schedule,
+      threshold=config.dts_threshold,
+      train_capacity=config.dts_train_capacity)
