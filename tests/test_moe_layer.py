@@ -228,3 +228,16 @@ def test_decode_never_drops_by_default():
   assert float(st["intermediates"]["dropped_fraction"][0]) == 0
   big = make(capacity_factor_eval=100.0, group_size=64)
   np.testing.assert_allclose(y, big.apply(params, x), rtol=1e-6)
+
+
+def test_dropless_reports_no_drops():
+  # The same overloaded batch that drops tokens with capacity: dropless keeps
+  # every token, and its output equals the capacity layer with ample room.
+  layer = make(capacity_factor_eval=0.5, min_expert_capacity=1, group_size=64,
+               dropless=True)
+  x = jnp.tile(x_input(1, 1), (8, 1, 1))
+  params = nn.unbox(layer.init(jax.random.key(1), x))
+  y, st = layer.apply(params, x, mutable=["intermediates"])
+  assert float(st["intermediates"]["dropped_fraction"][0]) == 0
+  big = make(capacity_factor_eval=100.0, group_size=64)
+  np.testing.assert_allclose(y, big.apply(params, x), rtol=1e-5, atol=1e-6)

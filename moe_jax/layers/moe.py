@@ -312,7 +312,10 @@ class MoeLayer(nn.Module):
   def _sow_metrics(self, d: routing.RoutingDecision) -> None:
     self.sow("intermediates", cfg_lib.AUX_LOSS, d.aux_loss)
     self.sow("intermediates", cfg_lib.Z_LOSS, d.z_loss)
-    self.sow("intermediates", cfg_lib.DROPPED_FRACTION, d.dropped_fraction)
+    # Dropless routing never drops (the decision's capacity is not applied).
+    dropped = (jnp.zeros((), jnp.float32) if self.config.dropless
+               else d.dropped_fraction)
+    self.sow("intermediates", cfg_lib.DROPPED_FRACTION, dropped)
     self.sow("intermediates", cfg_lib.EXPERT_LOAD, d.expert_load)
     self.sow("intermediates", cfg_lib.ROUTER_CONFIDENCE, d.router_confidence)
     if self.config.num_expert_clusters:
