@@ -8,6 +8,7 @@ import pytest
 from moe_jax import partitioning
 from moe_jax.layers.moe_config import MoeConfig
 from moe_jax.models import SparseLayout, T5Config, build_model
+from moe_jax.models import losses
 from moe_jax.training import metrics, optimizers, train_state, train_step
 
 
@@ -51,7 +52,7 @@ def test_moe_metrics_are_named_per_layer():
   assert out["moe/encoder/layers_1/moe/expert_load_max"] == 2.0   # 4 experts * 0.5
   assert out["moe/encoder/layers_1/moe/dropped_fraction"] == 0.25
   assert out["moe/mean/aux_loss"] == 1.0
-  assert float(train_step._sum_sown(inter, "aux_loss")) == 2.0
+  assert float(losses.sum_sown(inter, "aux_loss")) == 2.0
 
 
 def test_active_params_count_k_of_e_experts():

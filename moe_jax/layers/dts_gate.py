@@ -137,43 +137,31 @@ class DenseToSparseRouter:
     sel_sorted = jnp.take_along_axis(selected, order, axis=-1)  # [G, S, J]
     gate_sorted = jnp.take_along_axis(gates, order, axis=-1) * sel_sorted
     claims = jax.nn.one_hot(order, e, dtype=jnp.int32) * sel_sorted[..., None]
-    claims = jnp.swapaxes(claims, 1, 2).reshape(g, e * s, e)  # [G, J*S, E]
-    before = jnp.cumsum(claims, axis=1) - claims
-    position = jnp.swapaxes(jnp.sum(before * claims, axis=-1).reshape(g, e, s), 1, 2)
+    position = routing.queue_positions(jnp.swapaxes(claims, 1, 2))  # [G, S, J]
     keep = sel_sorted & (position < cap)  # [G, S, J]
     slot = jnp.where(keep, order * cap + position, e * cap)
-    token_ids = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[:, None], (s, e))
-
-    def scatter(slot_g, gate_g):
-      tok = jnp.full((e * cap,), s, jnp.int32).at[slot_g.reshape(-1)].set(
-          token_ids.reshape(-1), mode="drop")
-      wt = jnp.zeros((e * cap,), jnp.float32).at[slot_g.reshape(-1)].set(
-          gate_g.reshape(-1), mode="drop")
-      return tok, wt
-
-    slot_token, slot_weight = jax.vmap(scatter)(slot, jnp.where(keep, gate_sorted, 0.0))
+    kept_gate = jnp.where(keep, gate_sorted, 0.0)
+    slot_token, slot_weight = routing.slot_tables(slot, kept_gate, e * cap)
 
     probs = jax.nn.softmax(logits, axis=-1)
     selected_f = selected.astype(jnp.float32)
-    n_real = jnp.maximum(jnp.sum(mask), 1.0)
     n_selected = jnp.maximum(jnp.sum(selected_f), 1.0)
     kept_per_expert = jnp.sum(
         jax.nn.one_hot(order, e, dtype=jnp.float32) * keep[..., None], axis=(0, 1, 2))
     # Switch-style balance loss with f_e = share of real tokens that reach e
     # (sum_e f_e = experts per token); P_e = mean clean router probability.
-    f = jnp.sum(selected_f, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)[:, None]
-    p = jnp.sum(probs * mask[..., None], axis=1) / jnp.maximum(
-        jnp.sum(mask, axis=1), 1.0)[:, None]
+    f = routing.masked_mean(selected_f, mask[..., None], axis=1)  # [G, E]
+    p = routing.masked_mean(probs, mask[..., None], axis=1)  # [G, E]
     return routing.RoutingDecision(
         slot_token=slot_token.reshape(g, e, cap),
         slot_weight=slot_weight.reshape(g, e, cap),
         expert_index=order,
-        expert_weight=jnp.where(keep, gate_sorted, 0.0),
+        expert_weight=kept_gate,
         aux_loss=jnp.mean(jnp.sum(f * p, axis=-1)) * e,
         z_loss=routing.router_z_loss(logits, mask),
         dropped_fraction=1.0 - jnp.sum(keep.astype(jnp.float32)) / n_selected,
         expert_load=kept_per_expert / jnp.maximum(jnp.sum(kept_per_expert), 1.0),
-        router_confidence=jnp.sum(probs.max(-1) * mask) / n_real,
+        router_confidence=routing.masked_mean(probs.max(-1), mask, axis=(0, 1)),
     )
 
 

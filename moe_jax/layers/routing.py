@@ -83,11 +83,51 @@ def expert_capacity(tokens_per_group: int, num_experts: int, k: int,
   return max(1, min(cap, tokens_per_group))
 
 
-def _masked_mean(x: Array, mask: Array, axis) -> Array:
+def masked_mean(x: Array, mask: Array, axis) -> Array:
   """Mean of ``x`` over ``axis`` counting only positions where mask is 1."""
   total = jnp.sum(x * mask, axis=axis)
   count = jnp.sum(mask, axis=axis)
   return total / jnp.maximum(count, 1.0)
+
+
+def queue_positions(claims: Array) -> Array:
+  """Position of every claim in its expert's queue.
+
+  Args:
+    claims: <int32>[G, J, S, E] one-hot expert claims in claim order: all
+      rank-0 claims (tokens in queue order), then all rank-1 claims, ...; a
+      row of zeros is no claim.
+  Returns:
+    <int32>[G, S, J]: how many earlier claims went to the same expert.
+  """
+  g, j, s, e = claims.shape
+  flat = claims.reshape(g, j * s, e)
+  before = jnp.cumsum(flat, axis=1) - flat
+  return jnp.swapaxes(jnp.sum(before * flat, axis=-1).reshape(g, j, s), 1, 2)
+
+
+def slot_tables(slot: Array, weight: Array, num_slots: int) -> tuple[Array, Array]:
+  """Inverts token->slot assignments into per-slot tables.
+
+  Args:
+    slot: <int32>[G, S, J] flat slot (``expert * capacity + position``) of
+      each assignment; ``num_slots`` marks a dropped one.
+    weight: <float32>[G, S, J] gate of each assignment.
+  Returns:
+    ``slot_token`` <int32>[G, num_slots] (``S`` = empty slot) and
+    ``slot_weight`` <float32>[G, num_slots].
+  """
+  _, s, j = slot.shape
+  token_ids = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[:, None], (s, j))
+
+  def one(slot_g, weight_g):
+    tok = jnp.full((num_slots,), s, jnp.int32).at[slot_g.reshape(-1)].set(
+        token_ids.reshape(-1), mode="drop")
+    wt = jnp.zeros((num_slots,), jnp.float32).at[slot_g.reshape(-1)].set(
+        weight_g.reshape(-1), mode="drop")
+    return tok, wt
+
+  return jax.vmap(one)(slot, weight)
 
 
 def router_z_loss(logits: Array, mask: Array) -> Array:
@@ -116,8 +156,8 @@ def load_balancing_loss(probs: Array, expert_index: Array, mask: Array) -> Array
   num_experts = probs.shape[-1]
   chosen = jnp.max(jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32),
                    axis=-2)  # [G, S, E]
-  f = _masked_mean(chosen, mask[..., None], axis=1)  # [G, E]
-  p = _masked_mean(probs, mask[..., None], axis=1)  # [G, E]
+  f = masked_mean(chosen, mask[..., None], axis=1)  # [G, E]
+  p = masked_mean(probs, mask[..., None], axis=1)  # [G, E]
   return jnp.mean(jnp.sum(f * p, axis=-1)) * num_experts
 
 
@@ -196,24 +236,12 @@ class TokensChooseRouter:
     # Reorder tokens into priority order, k-major: [G, K, S(rank), E].
     order = jnp.argsort(rank, axis=-1)  # [G, S]: token at each rank
     by_rank = jnp.take_along_axis(one_hot, order[:, :, None, None], axis=1)
-    claims = jnp.swapaxes(by_rank, 1, 2).reshape(g, k * s, e)
-    before = jnp.cumsum(claims, axis=1) - claims  # claims before this one
-    pos_by_rank = jnp.sum(before * claims, axis=-1).reshape(g, k, s)
-    pos_by_rank = jnp.swapaxes(pos_by_rank, 1, 2)  # [G, S(rank), K]
+    pos_by_rank = queue_positions(jnp.swapaxes(by_rank, 1, 2))  # [G, S(rank), K]
     position = jnp.take_along_axis(pos_by_rank, rank[:, :, None], axis=1)  # [G,S,K]
 
     keep = (position < capacity) & (mask[..., None] > 0)
     slot = jnp.where(keep, expert_index * capacity + position, e * capacity)
-    token_ids = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[:, None], (s, k))
-
-    def scatter(slot_g, gate_g):
-      tok = jnp.full((e * capacity,), s, jnp.int32).at[slot_g.reshape(-1)].set(
-          token_ids.reshape(-1), mode="drop")
-      wt = jnp.zeros((e * capacity,), jnp.float32).at[slot_g.reshape(-1)].set(
-          gate_g.reshape(-1), mode="drop")
-      return tok, wt
-
-    slot_token, slot_weight = jax.vmap(scatter)(slot, gate)
+    slot_token, slot_weight = slot_tables(slot, gate, e * capacity)
 
     real = jnp.maximum(jnp.sum(mask) * k, 1.0)
     dropped = 1.0 - jnp.sum(keep.astype(jnp.float32)) / real
@@ -227,7 +255,7 @@ class TokensChooseRouter:
         z_loss=router_z_loss(logits, mask),
         dropped_fraction=dropped,
         expert_load=load,
-        router_confidence=_masked_mean(probs.max(-1), mask, axis=(0, 1)),
+        router_confidence=masked_mean(probs.max(-1), mask, axis=(0, 1)),
         cluster_loss=cluster_loss,
     )
 
@@ -275,7 +303,7 @@ class ExpertsChooseRouter:
         z_loss=router_z_loss(logits, mask),
         dropped_fraction=dropped,
         expert_load=load,
-        router_confidence=_masked_mean(probs.max(-1), mask, axis=(0, 1)),
+        router_confidence=masked_mean(probs.max(-1), mask, axis=(0, 1)),
     )
 
 

@@ -61,7 +61,6 @@ class LossConfig:
   cmr_budget_loss_factor: float = losses.DEFAULT_CMR_BUDGET_LOSS_FACTOR
 
 
-_sum_sown = losses.sum_sown
 
 # Weighted MoE term (losses.weighted_moe_losses name) -> metric / sums key.
 MOE_LOSS_METRICS = {"aux_loss": "moe_aux_loss",
