@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -54,8 +54,10 @@ class Experiment:
   decode_eval: bool = False
   distillation: Optional[distillation_lib.DistillationConfig] = None
 
-  # -- smoke ------------------------------------------------------------------
+  # -- the compiled program -------------------------------------------------------
   def _jitted_step(self, shardings):
+    """The jitted train step (the one factory: ``moe-train``'s loop and
+    ``lower_step`` / ``moe-compile`` must reach the identical program)."""
     return train_step.jit_train_step(
         train_step.make_train_step(self.model, self.loss_config, self.schedule,
                                    self.loop_config.num_microbatches, self.mesh),
@@ -64,8 +66,10 @@ class Experiment:
   def lower_step(self) -> Any:
     """Traces and lowers (no compile, no run) the sharded train step.
 
-    Cheap check that a configuration traces and shards; returns the
-    ``jax.stages.Lowered``.
+    Reads no data and allocates no arrays: the state and batch are abstract
+    (``jax.ShapeDtypeStruct`` with their shardings), so it also works on
+    compile-only devices (``jax.experimental.topologies``). Returns the
+    ``jax.stages.Lowered``; ``.compile()`` it for memory/cost analysis.
     """
     abstract, shardings = train_state.state_shardings(
         self.model, self.tx, self.mesh, self.rules, self.batch_shapes)
@@ -200,7 +204,8 @@ def build_experiment(
     measure_peak_flops: bool = True,
     tensorboard: bool = True,
     decode_eval: bool = False,
-    distillation: Optional[distillation_lib.DistillationConfig] = None) -> Experiment:
+    distillation: Optional[distillation_lib.DistillationConfig] = None,
+    devices: Optional[Sequence[Any]] = None) -> Experiment:
   """Validates the settings against the devices and assembles the run.
 
   Args mirror T5X's run macros (``MODEL_DIR``, ``TRAIN_STEPS``, ...);
@@ -210,7 +215,9 @@ def build_experiment(
   eval, the decode-and-score evaluation of ``moe-eval`` (BLEU, chrF, ...).
   ``distillation`` trains this model as a Mixture-of-Students student of a
   teacher checkpoint (:mod:`moe_jax.training.distillation`); the smoke
-  helpers ``init_and_step`` / ``lower_step`` use the plain step.
+  helpers ``init_and_step`` / ``lower_step`` use the plain step. ``devices``
+  (default ``jax.devices()``) builds the mesh from other devices, e.g. the
+  compile-only TPU devices of ``moe-compile``.
 
   Raises:
     ConfigError: mesh sizes that do not match the devices, a batch that does
@@ -221,10 +228,11 @@ def build_experiment(
   if mixture_or_task_module:
     importlib.import_module(mixture_or_task_module)
   try:
-    mesh = partitioning.make_mesh(mesh_shape or {"data": -1},
+    mesh = partitioning.make_mesh(mesh_shape or {"data": -1}, devices=devices,
                                   dcn_axis_sizes=dcn_mesh_shape)
   except ValueError as e:
-    raise ConfigError(f"{e} (jax sees {jax.device_count()} devices.)") from e
+    count = jax.device_count() if devices is None else len(devices)
+    raise ConfigError(f"{e} (there are {count} devices.)") from e
   validate(model_config, mesh, batch_size, num_microbatches)
   if train_steps < 1:
     raise ConfigError(f"TRAIN_STEPS={train_steps} must be >= 1.")
