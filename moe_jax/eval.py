@@ -1,8 +1,11 @@
 r"""``moe-eval``: decode and score a Task/Mixture's eval split from a checkpoint.
 
-  moe-eval --gin_file=models/tiny_switch.gin --gin_file=runs/eval.gin \
-      --gin.CHECKPOINT_PATH=/tmp/run --gin.MIXTURE_OR_TASK_NAME=synthetic_translate_mix \
+  moe-eval --gin_file=runs/eval.gin --gin.CHECKPOINT_PATH=/tmp/run \
       --gin.EVAL_OUTPUT_DIR=/tmp/run/eval
+
+The model (and, unless given, the data settings) come from the ``config.gin``
+the run wrote next to ``CHECKPOINT_PATH`` (a run or a step directory); a
+model gin file (``--gin_file=models/tiny_switch.gin``) given explicitly wins.
 
 Macros read (T5X names): ``CHECKPOINT_PATH`` (model dir = latest step, a
 step dir, or a params checkpoint from ``moe-prune``), ``MIXTURE_OR_TASK_NAME``
@@ -23,7 +26,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from moe_jax import train as train_bin
+from moe_jax import gin_utils
 
 
 def run(gin_files: Sequence[str], bindings: Sequence[str] = (),
@@ -32,21 +35,22 @@ def run(gin_files: Sequence[str], bindings: Sequence[str] = (),
   from moe_jax import models  # pylint: disable=g-import-not-at-top
   from moe_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from moe_jax.evaluation import evaluator, gin_setup, inference  # pylint: disable=g-import-not-at-top
-  gin_setup.parse(gin_files, bindings, search_paths)
+  gin_setup.parse(gin_files, bindings, search_paths,
+                  log_fn=lambda line: log_fn(f"moe-eval: {line}"))
   checkpoint = gin_setup.required("CHECKPOINT_PATH")
   output_dir = gin_setup.required("EVAL_OUTPUT_DIR")
   name = gin_setup.required("MIXTURE_OR_TASK_NAME")
   lengths = dict(gin_setup.required("TASK_FEATURE_LENGTHS"))
-  mesh, rules = gin_setup.mesh_and_rules()
+  partitioner = gin_setup.partitioner()
   config = gin_setup.model_config()
   model = models.build_model(config)
-  params = inference.load_params(checkpoint, model, mesh, rules)
+  params = inference.load_params(checkpoint, model, partitioner)
   evals = pipeline.get_eval_datasets(
       name, lengths, gin_setup.macro("EVAL_BATCH_SIZE", 32),
       split=gin_setup.macro("EVAL_SPLIT", "validation"), shard_index=0, num_shards=1,
       max_examples=gin_setup.macro("EVAL_MAX_EXAMPLES", None))
   spec = gin_setup.decode_spec()
-  result = evaluator.evaluate(model, params, evals, mesh, rules, spec,
+  result = evaluator.evaluate(model, params, evals, partitioner, spec,
                               collect_routing=gin_setup.macro("COLLECT_ROUTING_STATS", True))
   evaluator.write_results(output_dir, result, step=gin_setup.checkpoint_step(checkpoint))
   log_fn(json.dumps(result.metrics, indent=1, sort_keys=True))
@@ -56,9 +60,12 @@ def run(gin_files: Sequence[str], bindings: Sequence[str] = (),
 def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   def go():
-    args = train_bin.parse_flags(argv)
+    args = gin_utils.parse_flags(
+        argv, prog="moe-eval",
+        description="Decode and score a Task/Mixture's eval split from a checkpoint.")
+    gin_utils.setup_logging(args.log_level)
     run(args.gin_file, args.bindings, args.gin_search_paths)
-  return train_bin.run_cli("moe-eval", go)
+  return gin_utils.run_cli("moe-eval", go)
 
 
 def console_main() -> None:

@@ -1,8 +1,10 @@
 r"""``moe-infer``: decode the inputs of a file into an output file.
 
-  moe-infer --gin_file=models/tiny_switch.gin --gin_file=runs/infer.gin \
-      --gin.CHECKPOINT_PATH=/tmp/run --gin.MIXTURE_OR_TASK_NAME=synthetic_translate_mix \
+  moe-infer --gin_file=runs/infer.gin --gin.CHECKPOINT_PATH=/tmp/run \
       --gin.INFER_INPUT_FILE=in.txt --gin.INFER_OUTPUT_FILE=out.txt
+
+Without a model gin file the model comes from the run's ``config.gin`` next to
+``CHECKPOINT_PATH`` (as for ``moe-eval``).
 
 Input: one example per line (text), or a TFRecord of ``tf.train.Example``
 with a bytes feature ``INFER_TFRECORD_FEATURE`` (default ``inputs``), chosen
@@ -23,7 +25,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from moe_jax import train as train_bin
+from moe_jax import gin_utils
 
 
 def read_inputs(path: str, fmt: Optional[str] = None, feature: str = "inputs") -> list[str]:
@@ -33,13 +35,13 @@ def read_inputs(path: str, fmt: Optional[str] = None, feature: str = "inputs") -
     with open(path, encoding="utf-8") as f:
       return [line.rstrip("\n") for line in f]
   if fmt != "tfrecord":
-    raise train_bin.UsageError(f"INFER_INPUT_FORMAT={fmt!r}: use 'lines' or 'tfrecord'.")
+    raise gin_utils.UsageError(f"INFER_INPUT_FORMAT={fmt!r}: use 'lines' or 'tfrecord'.")
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   out = []
   for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
     ex = tf.train.Example.FromString(record)
     if feature not in ex.features.feature:
-      raise train_bin.UsageError(
+      raise gin_utils.UsageError(
           f"TFRecord example has no feature {feature!r} (it has "
           f"{sorted(ex.features.feature)}); set INFER_TFRECORD_FEATURE.")
     out.append(ex.features.feature[feature].bytes_list.value[0].decode("utf-8"))
@@ -62,7 +64,7 @@ def decode_texts(predictor, vocab, texts: Sequence[str], input_length: int,
   from moe_jax.evaluation import inference  # pylint: disable=g-import-not-at-top
   hosts = jax.process_count()
   if batch_size % predictor.batch_shards or batch_size % hosts:
-    raise train_bin.UsageError(
+    raise gin_utils.UsageError(
         f"INFER_BATCH_SIZE={batch_size} must be a multiple of the batch shards "
         f"({predictor.batch_shards}) and of the host count ({hosts}).")
   for start in range(0, len(texts), batch_size):
@@ -75,13 +77,14 @@ def decode_texts(predictor, vocab, texts: Sequence[str], input_length: int,
 
 
 def run(gin_files: Sequence[str], bindings: Sequence[str] = (),
-        search_paths: Sequence[str] = ()) -> str:
+        search_paths: Sequence[str] = (), log_fn=print) -> str:
   """Parses gin and decodes the input file; returns the output path."""
   import jax  # pylint: disable=g-import-not-at-top
   from moe_jax import models  # pylint: disable=g-import-not-at-top
   from moe_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from moe_jax.evaluation import gin_setup, inference  # pylint: disable=g-import-not-at-top
-  gin_setup.parse(gin_files, bindings, search_paths)
+  gin_setup.parse(gin_files, bindings, search_paths,
+                  log_fn=lambda line: log_fn(f"moe-infer: {line}"))
   checkpoint = gin_setup.required("CHECKPOINT_PATH")
   input_file = gin_setup.required("INFER_INPUT_FILE")
   output_file = gin_setup.macro("INFER_OUTPUT_FILE", None)
@@ -90,11 +93,11 @@ def run(gin_files: Sequence[str], bindings: Sequence[str] = (),
   lengths = dict(gin_setup.required("TASK_FEATURE_LENGTHS"))
   provider = pipeline.ensure_registered(gin_setup.required("MIXTURE_OR_TASK_NAME"))
   vocab = provider.output_features["inputs"].vocabulary
-  mesh, rules = gin_setup.mesh_and_rules()
+  partitioner = gin_setup.partitioner()
   model = models.build_model(gin_setup.model_config())
-  params = inference.load_params(checkpoint, model, mesh, rules)
+  params = inference.load_params(checkpoint, model, partitioner)
   spec = gin_setup.decode_spec(default_length=lengths["targets"])
-  predictor = inference.Predictor(model, params, mesh, rules, spec)
+  predictor = inference.Predictor(model, params, partitioner, spec)
   texts = read_inputs(input_file, gin_setup.macro("INFER_INPUT_FORMAT", None),
                       gin_setup.macro("INFER_TFRECORD_FEATURE", "inputs"))
   outputs = decode_texts(predictor, vocab, texts, lengths["inputs"],
@@ -111,9 +114,12 @@ def run(gin_files: Sequence[str], bindings: Sequence[str] = (),
 def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   def go():
-    args = train_bin.parse_flags(argv)
-    print(run(args.gin_file, args.bindings, args.gin_search_paths))
-  return train_bin.run_cli("moe-infer", go)
+    args = gin_utils.parse_flags(argv, prog="moe-infer",
+                                 description="Decode the inputs of a file into an output file.")
+    gin_utils.setup_logging(args.log_level)
+    print(run(args.gin_file, args.bindings, args.gin_search_paths,
+              log_fn=lambda line: print(line, file=sys.stderr)))
+  return gin_utils.run_cli("moe-infer", go)
 
 
 def console_main() -> None:

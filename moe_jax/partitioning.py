@@ -20,12 +20,17 @@ The mesh axes play these roles:
   ``expert_group`` over ``('data', 'fsdp')``): that reshard is the all-to-all.
 * ``model``  -- tensor (Megatron) parallelism over ``mlp``/``heads``/``vocab``.
 
+:class:`Partitioner` carries the mesh and its rules as one object, with the
+shardings derived from them (a batch's, a parameter tree's); programs build
+it once and pass it where both are needed.
+
 This module imports nothing from the model code.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from typing import Any, Mapping, Optional, Sequence
 
@@ -213,17 +218,89 @@ def params_shardings(mesh: Mesh, abstract_variables: Any,
       to_sharding, specs, is_leaf=lambda x: isinstance(x, P) or x is None)
 
 
-@contextlib.contextmanager
-def axis_rules(rules: LogicalRules):
-  """Context in which ``nn.with_logical_constraint`` uses ``rules``."""
-  with nn.logical_axis_rules(rules):
-    yield
-
-
 def with_sharding(mesh: Mesh, rules: LogicalRules):
   """Context manager: the mesh *and* logical rules active together."""
   stack = contextlib.ExitStack()
-  stack.enter_context(jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh")
-                      else jax.set_mesh(mesh))
+  stack.enter_context(jax.set_mesh(mesh))
   stack.enter_context(nn.logical_axis_rules(rules))
   return stack
+
+
+@dataclasses.dataclass(frozen=True)
+class Partitioner:
+  """A device mesh, its logical-axis rules, and the shardings they give.
+
+  Attributes:
+    mesh: the ``('data', 'fsdp', 'expert', 'model')`` mesh (:func:`make_mesh`).
+    rules: logical -> mesh axis rules (:func:`standard_logical_rules`).
+  """
+  mesh: Mesh
+  rules: tuple
+
+  def __post_init__(self):
+    object.__setattr__(self, "rules", tuple(tuple(r) for r in self.rules))
+
+  @classmethod
+  def create(cls, mesh_shape: Optional[Mapping[str, int]] = None,
+             dcn_mesh_shape: Optional[Mapping[str, int]] = None,
+             devices: Optional[Sequence[jax.Device]] = None,
+             fsdp_params: bool = True) -> "Partitioner":
+    """:func:`make_mesh` (default: every device on ``data``) + the standard rules.
+
+    Raises:
+      ValueError: mesh sizes that do not fit the devices (from :func:`make_mesh`).
+    """
+    mesh = make_mesh(mesh_shape or {"data": -1}, devices=devices,
+                     dcn_axis_sizes=dcn_mesh_shape)
+    return cls(mesh, standard_logical_rules(fsdp_params=fsdp_params))
+
+  def activate(self):
+    """Context manager: the mesh and the rules active (:func:`with_sharding`)."""
+    return with_sharding(self.mesh, self.rules)
+
+  def sharding(self, logical_axes: Sequence[Optional[str]]) -> NamedSharding:
+    """``NamedSharding`` of an array with these logical axis names."""
+    return logical_sharding(self.mesh, logical_axes, self.rules)
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  @property
+  def batch_sharding(self) -> NamedSharding:
+    """A batch's sharding: leading (logical ``batch``) dimension over the batch
+    mesh axes (``data``, ``fsdp``, ``expert``), the others replicated; fits
+    any rank."""
+    return self.sharding(("batch",))
+
+  @property
+  def num_batch_shards(self) -> int:
+    """How many shards the batch dimension is split into."""
+    spec = self.batch_sharding.spec
+    return mesh_axis_size(self.mesh, spec[0] if len(spec) else None)
+
+  def global_batch(self, local_batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """This process's rows -> global batch-sharded ``jax.Array`` per feature.
+
+    Each process passes its own ``<int>[rows, ...]`` (the same ``rows`` on
+    every process); the result is ``<int>[rows * processes, ...]``.
+
+    Raises:
+      ValueError: the global batch does not divide over the batch shards.
+    """
+    sharding = self.batch_sharding
+    out = {}
+    for name, value in local_batch.items():
+      value = np.asarray(value)
+      rows = value.shape[0] * jax.process_count()
+      if rows % self.num_batch_shards:
+        raise ValueError(
+            f"Feature {name!r}: global batch {rows} is not divisible by the "
+            f"{self.num_batch_shards} batch shards of the mesh {dict(self.mesh.shape)}; "
+            "make the batch size a multiple of data*fsdp*expert.")
+      out[name] = jax.make_array_from_process_local_data(sharding, value)
+    return out
+
+  def params_shardings(self, abstract_variables: Any) -> Any:
+    """:func:`params_shardings` of a (boxed) variable tree on this mesh."""
+    return params_shardings(self.mesh, abstract_variables, self.rules)

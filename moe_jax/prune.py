@@ -1,8 +1,12 @@
 r"""``moe-prune``: drop rarely used experts for inference.
 
-  moe-prune --gin_file=models/tiny_switch.gin --checkpoint=/tmp/run \
+  moe-prune --checkpoint=/tmp/run \
       --stats=/tmp/run/eval/routing_stats.json --keep=0.5 \
       --granularity=language --pair=xa-xb --per_layer=fixed --output=/tmp/pruned
+
+The model comes from ``--gin_file`` (e.g. ``models/tiny_switch.gin``), or,
+without one, from the ``config.gin`` of the run that wrote ``--checkpoint``
+(see :func:`moe_jax.evaluation.gin_setup.parse`).
 
 ``--stats`` is repeatable (e.g. one file per host): the files are merged.
 ``--granularity global|language|pair``; ``language``/``pair`` need ``--pair
@@ -25,7 +29,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from moe_jax import train as train_bin
+from moe_jax import gin_utils
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -40,21 +44,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--pair", default=None, help="SRC-TGT, e.g. xa-xb")
   p.add_argument("--all_pairs", action="store_true")
   p.add_argument("--output", required=True)
-  p.add_argument("--gin_file", action="append", default=[])
-  p.add_argument("--gin_bindings", action="append", default=[])
-  p.add_argument("--gin_search_paths", action="append", default=[])
-  bindings, rest = [], []
-  for arg in argv:
-    if arg.startswith("--gin.") and "=" in arg:
-      name, value = arg[len("--gin."):].split("=", 1)
-      bindings.append(f"{name} = {train_bin._gin_value(value)}")  # pylint: disable=protected-access
-    else:
-      rest.append(arg)
+  gin_utils.add_gin_flags(p)   # no model gin: the run's config.gin beside --checkpoint
+  bindings, rest = gin_utils.split_gin_flags(argv)
   args = p.parse_args(rest)
   args.bindings = args.gin_bindings + bindings
-  if not args.gin_file:
-    raise train_bin.UsageError("Give the model's gin file, e.g. "
-                               "--gin_file=models/tiny_switch.gin.")
   return args
 
 
@@ -77,7 +70,7 @@ def prune_checkpoint(model_config, params, stats, spec, output: str) -> dict:
   layers = pruning.moe_layer_paths(params)
   missing = [l for l in layers if l not in stats.layers()]
   if missing:
-    raise train_bin.UsageError(
+    raise gin_utils.UsageError(
         f"The statistics have no counts for MoE layers {missing}; collect them "
         "with moe-eval on this model.")
   selection = pruning.choose_experts(stats, spec, layers)
@@ -103,14 +96,16 @@ def run(args: argparse.Namespace, log_fn=print) -> list[dict]:
   from moe_jax import models  # pylint: disable=g-import-not-at-top
   from moe_jax.evaluation import gin_setup, inference, pruning  # pylint: disable=g-import-not-at-top
   from moe_jax.evaluation import routing_stats as rs_lib  # pylint: disable=g-import-not-at-top
-  gin_setup.parse(args.gin_file, args.bindings, args.gin_search_paths)
+  gin_setup.parse(args.gin_file, args.bindings, args.gin_search_paths,
+                  checkpoint=args.checkpoint,
+                  log_fn=lambda line: log_fn(f"moe-prune: {line}"))
   config = gin_setup.model_config()
   if not config.has_moe:
-    raise train_bin.UsageError("This model has no MoE layers; nothing to prune.")
+    raise gin_utils.UsageError("This model has no MoE layers; nothing to prune.")
   stats = rs_lib.RoutingStats.load_and_merge(args.stats)
-  mesh, rules = gin_setup.mesh_and_rules({"data": -1, "fsdp": 1, "expert": 1, "model": 1})
+  partitioner = gin_setup.partitioner({"data": -1, "fsdp": 1, "expert": 1, "model": 1})
   model = models.build_model(config)
-  params = inference.load_params(args.checkpoint, model, mesh, rules)
+  params = inference.load_params(args.checkpoint, model, partitioner)
   if args.granularity == "global":
     pairs = [None]
   elif args.all_pairs:
@@ -118,10 +113,10 @@ def run(args: argparse.Namespace, log_fn=print) -> list[dict]:
                     if g.source_language and g.target_language})
   elif args.pair:
     if "-" not in args.pair:
-      raise train_bin.UsageError(f"--pair={args.pair!r}: write it as SRC-TGT, e.g. xa-xb.")
+      raise gin_utils.UsageError(f"--pair={args.pair!r}: write it as SRC-TGT, e.g. xa-xb.")
     pairs = [tuple(args.pair.split("-", 1))]
   else:
-    raise train_bin.UsageError(f"--granularity={args.granularity} needs --pair=SRC-TGT "
+    raise gin_utils.UsageError(f"--granularity={args.granularity} needs --pair=SRC-TGT "
                                "or --all_pairs.")
   out = []
   for pair in pairs:
@@ -139,8 +134,11 @@ def run(args: argparse.Namespace, log_fn=print) -> list[dict]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
-  return train_bin.run_cli("moe-prune", lambda: run(parse_args(argv)),
-                           errors=(ValueError, FileNotFoundError))
+  def go():
+    args = parse_args(argv)
+    gin_utils.setup_logging(args.log_level)
+    run(args)
+  return gin_utils.run_cli("moe-prune", go, errors=(ValueError, FileNotFoundError))
 
 
 def console_main() -> None:

@@ -12,8 +12,12 @@ Flags:
   --gin_file / --gin.NAME=VALUE / --gin_bindings / --gin_search_paths
                       as moe-train. The gin gives the MoE settings (and the
                       optimizer of the continued run); the checkpoint gives the
-                      dimensions. A dimension the gin sets differently from the
-                      checkpoint is an error naming both values.
+                      dimensions, and for a moe_jax checkpoint its run's
+                      model_config.json / config.gin the settings shapes cannot
+                      tell (activations, dropout, epsilon, dtypes; a T5Config
+                      binding wins). A dimension the gin sets differently from
+                      the checkpoint is an error naming both values.
+  --log_level         the libraries' log level (default ERROR).
   --output            new directory (written to a temporary sibling, renamed
                       when complete; an existing non-empty directory is refused
                       unless --overwrite).
@@ -49,28 +53,24 @@ import sys
 import tempfile
 from typing import Any, Optional, Sequence
 
+from moe_jax import gin_utils
+from moe_jax.gin_utils import UsageError
+
 EXIT_VERIFY_FAILED = 1
-EXIT_USAGE = 2
-
-
-class UsageError(ValueError):
-  """Bad flags, gin configuration or checkpoint, found before writing."""
+EXIT_USAGE = gin_utils.EXIT_USAGE
 
 
 # ----------------------------------------------------------------------------
 # Flags
 # ----------------------------------------------------------------------------
 def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
-  from moe_jax import train  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(
       prog="moe-upcycle",
       description="Sparse upcycling: dense T5 v1.1 checkpoint -> MoE checkpoint.")
   parser.add_argument("--dense_checkpoint", required=True)
   parser.add_argument("--format", default="auto",
                       choices=("auto", "moe_jax", "t5x", "hf"))
-  parser.add_argument("--gin_file", action="append", default=[])
-  parser.add_argument("--gin_bindings", action="append", default=[])
-  parser.add_argument("--gin_search_paths", action="append", default=[])
+  gin_utils.add_gin_flags(parser)
   parser.add_argument("--output", required=True)
   parser.add_argument("--overwrite", action="store_true")
   parser.add_argument("--router_init", default="normal", choices=("normal", "zeros"))
@@ -79,15 +79,7 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--verify", action="store_true")
   parser.add_argument("--mesh", default=None)
   parser.add_argument("--seed", type=int, default=0)
-  bindings, rest = [], []
-  for arg in argv:
-    if arg.startswith("--gin."):
-      if "=" not in arg:
-        raise UsageError(f"{arg!r} needs a value: --gin.NAME=VALUE.")
-      name, value = arg[len("--gin."):].split("=", 1)
-      bindings.append(f"{name} = {train._gin_value(value)}")  # pylint: disable=protected-access
-    else:
-      rest.append(arg)
+  bindings, rest = gin_utils.split_gin_flags(argv)
   try:
     args = parser.parse_args(rest)
   except SystemExit as e:
@@ -130,7 +122,6 @@ def sparse_config_from_gin(dense_config) -> tuple[Any, Any]:
     UsageError: a gin-bound dimension contradicts the checkpoint (naming
       both values), or the gin has no MoE settings.
   """
-  from moe_jax import train  # pylint: disable=g-import-not-at-top
   from moe_jax.checkpoints import upcycling  # pylint: disable=g-import-not-at-top
   checks = [(f"T5Config.{f}", getattr(dense_config, f)) for f in upcycling.DIMENSION_FIELDS]
   checks.append(("MoeConfig.d_ff", dense_config.d_ff))
@@ -157,7 +148,7 @@ def sparse_config_from_gin(dense_config) -> tuple[Any, Any]:
       overrides[f] = getattr(dense_config, f)
   dims = {f: getattr(dense_config, f) for f in upcycling.DIMENSION_FIELDS}
   try:
-    settings = train.register_configurables()["T5Config"](
+    settings = gin_utils.register_configurables()["T5Config"](
         activations=activations, **dims, **overrides)
   except (ValueError, TypeError) as e:
     raise UsageError(f"Bad MoE settings in the gin configuration: {e}") from e
@@ -174,6 +165,33 @@ def sparse_config_from_gin(dense_config) -> tuple[Any, Any]:
   except upcycling.UpcycleError as e:
     raise UsageError(str(e)) from e
   return dense_config, sparse
+
+
+# T5Config fields the parameter shapes cannot tell.
+RUN_SETTING_FIELDS = ("activations", "dropout_rate", "layer_norm_epsilon",
+                      "relative_attention_max_distance", "dtype", "param_dtype")
+
+
+def _dense_run_settings(args: argparse.Namespace, log) -> dict[str, Any]:
+  """For a moe_jax dense checkpoint: the fields of :data:`RUN_SETTING_FIELDS`
+  from the run that wrote it (its ``model_config.json`` or ``config.gin``);
+  ``{}`` for other formats or when the run left no config. T5Config bindings
+  in the given gin files still win (:func:`sparse_config_from_gin`)."""
+  from moe_jax.checkpoints import formats  # pylint: disable=g-import-not-at-top
+  try:
+    fmt = (formats.detect_format(args.dense_checkpoint) if args.format == "auto"
+           else args.format)
+  except formats.DenseFormatError as e:
+    raise UsageError(f"Cannot read the dense checkpoint: {e}") from e
+  if fmt != "moe_jax":
+    return {}
+  found = gin_utils.run_model_config(args.dense_checkpoint)
+  if found is None:
+    return {}
+  config, path = found
+  log(f"moe-upcycle: dense model settings ({', '.join(RUN_SETTING_FIELDS)}) from "
+      f"{path}; T5Config bindings in --gin_file win.")
+  return {f: getattr(config, f) for f in RUN_SETTING_FIELDS}
 
 
 def default_mesh_shape(num_experts: int, num_devices: int) -> dict[str, int]:
@@ -226,7 +244,7 @@ def model_gin(config) -> str:
 # ----------------------------------------------------------------------------
 # The conversion
 # ----------------------------------------------------------------------------
-def _dense_opt_state(ckpt, dense_config, tx, mesh, rules):
+def _dense_opt_state(ckpt, dense_config, tx, partitioner):
   """The dense train state's optimizer state (for ``--optimizer_state=carry``)."""
   from moe_jax import models  # pylint: disable=g-import-not-at-top
   from moe_jax.checkpoints import manager, restore  # pylint: disable=g-import-not-at-top
@@ -236,13 +254,14 @@ def _dense_opt_state(ckpt, dense_config, tx, mesh, rules):
         f"--optimizer_state=carry needs a moe_jax checkpoint with optimizer state; "
         f"a {ckpt.format!r} checkpoint has none here. Use --optimizer_state=reset.")
   shapes = train_state.dummy_batch(
-      _batch_shards(mesh), {"inputs": 2, "targets": 2})
-  abstract, shardings = train_state.state_shardings(
-      models.build_model(dense_config), tx, mesh, rules, shapes)
+      partitioner.num_batch_shards, {"inputs": 2, "targets": 2})
+  layout = train_state.StateLayout.create(
+      models.build_model(dense_config), tx, partitioner, shapes)
   step_dir = os.path.dirname(ckpt.state_dir.rstrip("/"))
   mgr = manager.CheckpointManager(os.path.dirname(step_dir), async_save=False)
   try:
-    state, _ = mgr.restore(int(os.path.basename(step_dir)), abstract, shardings)
+    state, _ = mgr.restore(int(os.path.basename(step_dir)), layout.abstract,
+                           layout.shardings)
   except restore.CheckpointMismatchError as e:
     raise UsageError(
         f"Cannot carry the optimizer state: {e}\nThe gin optimizer must be the one "
@@ -252,16 +271,11 @@ def _dense_opt_state(ckpt, dense_config, tx, mesh, rules):
   return state.opt_state
 
 
-def _batch_shards(mesh) -> int:
-  from moe_jax import partitioning  # pylint: disable=g-import-not-at-top
-  return partitioning.mesh_axis_size(mesh, partitioning.BATCH_MESH_AXES)
-
-
 def upcycle(args: argparse.Namespace, log=print) -> int:
   """Runs the conversion described by parsed flags; returns the exit code."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from moe_jax import partitioning, train  # pylint: disable=g-import-not-at-top
+  from moe_jax import partitioning  # pylint: disable=g-import-not-at-top
   from moe_jax.checkpoints import formats, upcycling  # pylint: disable=g-import-not-at-top
   from moe_jax.training import train_state  # pylint: disable=g-import-not-at-top
 
@@ -269,12 +283,12 @@ def upcycle(args: argparse.Namespace, log=print) -> int:
   if os.path.exists(output) and os.listdir(output) and not args.overwrite:
     raise UsageError(f"--output {output} exists and is not empty; choose a new "
                      "directory or pass --overwrite.")
+  overrides = _dense_run_settings(args, log)   # before parsing: it uses gin too
+  gin_utils.parse_gin(args.gin_file, args.bindings, args.gin_search_paths,
+                      finalize=False)
   try:
-    train.parse_gin(args.gin_file, args.bindings, args.gin_search_paths, finalize=False)
-  except train.UsageError as e:
-    raise UsageError(str(e)) from e
-  try:
-    ckpt = formats.read_dense_checkpoint(args.dense_checkpoint, args.format)
+    ckpt = formats.read_dense_checkpoint(args.dense_checkpoint, args.format,
+                                         **overrides)
   except (formats.DenseFormatError, FileNotFoundError, KeyError, ValueError) as e:
     raise UsageError(f"Cannot read the dense checkpoint: {e}") from e
   dense_config, sparse_config = sparse_config_from_gin(ckpt.config)
@@ -291,21 +305,20 @@ def upcycle(args: argparse.Namespace, log=print) -> int:
   shape = (partitioning.parse_mesh_spec(args.mesh) if args.mesh
            else default_mesh_shape(math.gcd(*expert_counts), n_dev))
   try:
-    mesh = partitioning.make_mesh(shape)
+    partitioner = partitioning.Partitioner.create(shape, fsdp_params=True)
   except ValueError as e:
     raise UsageError(f"--mesh: {e} (jax sees {n_dev} devices).") from e
-  rules = partitioning.standard_logical_rules(fsdp_params=True)
-  tx = train.register_configurables()["make_optimizer"]()
+  tx = gin_utils.register_configurables()["make_optimizer"]()
 
   try:
     params = upcycling.upcycle_params(
-        ckpt.params, dense_config, sparse_config, mesh, rules,
+        ckpt.params, dense_config, sparse_config, partitioner,
         router_init=args.router_init, expert_noise=args.expert_noise, seed=args.seed)
-    _, param_sh = upcycling.abstract_params(sparse_config, mesh, rules)
-    dense_opt = (_dense_opt_state(ckpt, dense_config, tx, mesh, rules)
+    _, param_sh = upcycling.abstract_params(sparse_config, partitioner)
+    dense_opt = (_dense_opt_state(ckpt, dense_config, tx, partitioner)
                  if args.optimizer_state == "carry" else None)
     opt_state = upcycling.upcycle_opt_state(
-        tx, params, param_sh, mesh, mode=args.optimizer_state, step=ckpt.step,
+        tx, params, param_sh, partitioner, mode=args.optimizer_state, step=ckpt.step,
         dense_opt_state=dense_opt)
   except upcycling.UpcycleError as e:
     raise UsageError(str(e)) from e
@@ -315,14 +328,15 @@ def upcycle(args: argparse.Namespace, log=print) -> int:
 
   result = None
   if args.verify:
-    result = upcycling.verify(ckpt.params, dense_config, params, sparse_config, mesh,
-                              rules, seed=args.seed)
+    result = upcycling.verify(ckpt.params, dense_config, params, sparse_config,
+                              partitioner, seed=args.seed)
     log(result.summary())
 
   info = {"dense_checkpoint": os.path.abspath(args.dense_checkpoint),
           "format": ckpt.format, "step": ckpt.step,
           "router_init": args.router_init, "expert_noise": args.expert_noise,
-          "optimizer_state": args.optimizer_state, "mesh": dict(mesh.shape),
+          "optimizer_state": args.optimizer_state,
+          "mesh": dict(partitioner.mesh.shape),
           "num_experts": num_experts,
           "sparse_layers": {
               "encoder": list(sparse_config.encoder_layout.sparse_layers(
@@ -331,7 +345,7 @@ def upcycle(args: argparse.Namespace, log=print) -> int:
                   sparse_config.num_decoder_layers))}}
   if result is not None:
     info["verify"] = dict(dataclasses.asdict(result), passed=result.passed)
-  write_atomically(output, state, ckpt.step, model_gin(sparse_config), info,
+  write_atomically(output, state, ckpt.step, sparse_config, info,
                    overwrite=args.overwrite)
   log(f"moe-upcycle: wrote {output} (step {ckpt.step}). Continue with: moe-train "
       f"--gin_file=runs/sparse_upcycle.gin --gin_file={output}/upcycled_model.gin "
@@ -341,10 +355,12 @@ def upcycle(args: argparse.Namespace, log=print) -> int:
   return 0
 
 
-def write_atomically(output: str, state: Any, step: int, gin_text: str, info: dict,
+def write_atomically(output: str, state: Any, step: int, config: Any, info: dict,
                      overwrite: bool = False) -> None:
-  """Writes checkpoint + gin + info into a temporary sibling, then renames it."""
+  """Writes checkpoint, model gin + JSON and info into a temporary sibling,
+  then renames it to ``output``."""
   from moe_jax.checkpoints import manager  # pylint: disable=g-import-not-at-top
+  from moe_jax.models import config as model_config_lib  # pylint: disable=g-import-not-at-top
   parent = os.path.dirname(output) or "."
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(output) + ".upcycle-tmp-", dir=parent)
@@ -357,7 +373,8 @@ def write_atomically(output: str, state: Any, step: int, gin_text: str, info: di
     finally:
       mgr.close()
     with open(os.path.join(tmp, "upcycled_model.gin"), "w") as f:
-      f.write(gin_text)
+      f.write(model_gin(config))
+    model_config_lib.save_json(config, os.path.join(tmp, model_config_lib.CONFIG_FILE))
     with open(os.path.join(tmp, "upcycle.json"), "w") as f:
       json.dump(info, f, indent=2, default=float)
     if os.path.exists(output):
@@ -372,12 +389,11 @@ def write_atomically(output: str, state: Any, step: int, gin_text: str, info: di
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
-  try:
+  def go():
     args = parse_flags(argv)
+    gin_utils.setup_logging(args.log_level)
     return upcycle(args)
-  except UsageError as e:
-    print(f"moe-upcycle: error: {e}", file=sys.stderr)
-    return EXIT_USAGE
+  return gin_utils.run_cli("moe-upcycle", go, errors=(UsageError,))
 
 
 def console_main() -> None:

@@ -8,8 +8,11 @@ def test_compare_reports_all_fields(capsys):
       "--json", "--compare", "--tokens", "256", "--seq", "32", "--d_model", "16",
       "--d_ff", "32", "--group_size", "32", "--steps", "1", "--mesh", "data=2,expert=4"])
   lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
-  assert len(lines) == 3
-  for kind in ("dense", "moe", "dropless"):
+  # dense, the default strategy ("moe"), the other strategies, dropless
+  assert len(lines) == len(results) == 6
+  assert {r["dispatch"] for k, r in results.items() if k.startswith("moe")} == {
+      "scatter", "gather", "einsum", "sort"}
+  for kind in results:
     r = results[kind]
     for key in ("median_step_s", "tokens_per_s", "compile_s", "temp_bytes",
                 "argument_bytes", "flops_per_device", "all_to_all",
@@ -20,4 +23,13 @@ def test_compare_reports_all_fields(capsys):
   # FLOPs in its experts, plus a router.
   ratio = results["moe"]["flops_per_device"] / results["dense"]["flops_per_device"]
   assert 1.1 < ratio < 1.6
-  assert "ratio_vs_dense" in results["dropless"]
+  assert all("ratio_vs_dense" in r for k, r in results.items() if k != "dense")
+
+
+def test_profile_attributes_time_to_the_layer_parts(capsys):
+  rows = moe_layer.main([
+      "--json", "--profile", "--tokens", "256", "--seq", "32", "--d_model", "16",
+      "--d_ff", "32", "--group_size", "32", "--steps", "1", "--mesh", "data=2,expert=4"])
+  parts = rows["moe"]["parts_ms"]
+  assert {"router", "combine", "all-to-all"} <= set(parts), parts
+  assert abs(sum(rows["moe"]["fractions"].values()) - 1.0) < 0.01

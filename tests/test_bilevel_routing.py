@@ -24,7 +24,8 @@ def make(**kw):
               capacity_factor_train=1.0, capacity_factor_eval=1.0,
               min_expert_capacity=1, activations=("relu",))
   base.update(kw)
-  return MoeLayer(MoeConfig(**base))
+  cfg = MoeConfig(**base)
+  return bilevel.BilevelMoeLayer(cfg) if cfg.bilevel_outer_size else MoeLayer(cfg)
 
 
 def x_input(b=8, l=8, seed=0):
@@ -337,3 +338,26 @@ def test_level_mesh_axes_from_standard_rules():
   assert axes["outer"] == ("data",) and axes["inner"] == ("expert",)
   assert axes["groups_after_outer"] == ("fsdp", "expert")
   assert axes["groups_after_both"] == ("fsdp",)
+
+
+@pytest.mark.parametrize("option", ["expert_output_masking_rate",
+                                    "final_output_masking_rate"])
+def test_output_masking_in_eval_scales_the_bilevel_output(option):
+  """EOM/FOM combine with bi-level routing: in eval both scale by 1 - p
+  (NLLB), in training they drop some outputs."""
+  x = x_input()
+  plain = make(bilevel_outer_size=2)
+  masked = make(bilevel_outer_size=2, **{option: 0.25})
+  params = nn.unbox(plain.init(jax.random.key(1), x))
+  want = 0.75 * np.asarray(plain.apply(params, x))
+  np.testing.assert_allclose(np.asarray(masked.apply(params, x)), want, rtol=1e-5,
+                             atol=1e-6)
+  train = np.asarray(masked.apply(params, x, deterministic=False,
+                                  rngs={"dropout": jax.random.key(3)}))
+  assert not np.allclose(train, want / 0.75)
+
+
+def test_flat_layer_refuses_a_bilevel_config():
+  with pytest.raises(ValueError, match="BilevelMoeLayer"):
+    MoeLayer(MoeConfig(num_experts=8, bilevel_outer_size=2)).init(
+        jax.random.key(0), x_input())

@@ -53,6 +53,21 @@ def _child_state(step, mesh):
           "step": jax.device_put(ref["step"], NamedSharding(mesh, P()))}
 
 
+class _Position:
+  """A data iterator whose checkpointed position is one integer."""
+
+  def __init__(self, step):
+    self.step = step
+
+  def get_state(self):
+    return {"step": self.step}
+
+  def save(self, directory):
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "position"), "w") as f:
+      f.write(str(self.step))
+
+
 def _child(mode, directory):
   os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
   os.environ["JAX_PLATFORMS"] = "cpu"
@@ -66,7 +81,8 @@ def _child(mode, directory):
     ckpt.wait_until_finished()
     _slow_commit(3600)
     print("SAVED 1", flush=True)
-    ckpt.save(2, _child_state(2, mesh), {"step": 2})
+    # With its data position too: the killed save must not read as good either.
+    ckpt.save(2, _child_state(2, mesh), data_iterator=_Position(2))
     ckpt.wait_until_finished()  # never returns: the test kills us first
     return 1
   with preemption.PreemptionHandler() as handler:
@@ -190,6 +206,9 @@ def test_sigkill_mid_save_leaves_previous_checkpoint_and_run_resumes(tmp_path):
       proc.kill()
   leftovers = [d for d in os.listdir(directory) if d.startswith("2.") and "tmp" in d]
   assert leftovers, os.listdir(directory)   # the killed save really was in flight
+  # ... its data position included (item directories are temporary too).
+  assert [d for d in os.listdir(os.path.join(directory, leftovers[0]))
+          if d.startswith("data_iterator")]
   assert "2" not in os.listdir(directory)
   # A restart sees step 1 as the latest, restores it, and carries on.
   ckpt, (state, data_state) = _restore(directory)

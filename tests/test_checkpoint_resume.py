@@ -71,10 +71,9 @@ def _setup():
   model = models.build_model(cfg)
   tx = optimizers.make_optimizer(
       "adamw", schedule=optimizers.make_schedule("constant", 1e-2, warmup_steps=0))
-  mesh = partitioning.make_mesh({"data": 2, "expert": 4})
-  rules = partitioning.standard_logical_rules()
+  partitioner = partitioning.Partitioner.create({"data": 2, "expert": 4})
   shapes = train_state.dummy_batch(BATCH, {"targets": LENGTH})
-  return model, tx, mesh, rules, shapes
+  return train_state.StateLayout.create(model, tx, partitioner, shapes)
 
 
 @pytest.fixture
@@ -100,10 +99,9 @@ def compilation_cache(tmp_path):
 
 
 def _run(model_dir, data):
-  model, tx, mesh, rules, shapes = _setup()
   cfg = loop.LoopConfig(train_steps=20, log_period=1000, checkpoint_period=4,
                         keep_checkpoints=2, seed=3)
-  return loop.train(model, tx, mesh, rules, data, shapes, cfg, model_dir=model_dir,
+  return loop.train(_setup(), data, cfg, model_dir=model_dir,
                     log_fn=lambda _: None)
 
 

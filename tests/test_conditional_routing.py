@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from moe_jax.layers import conditional
-from moe_jax.layers import moe_config as mc
+from moe_jax.layers import moe_metrics as mc
 from moe_jax.layers.moe_config import MoeConfig
 from moe_jax.models import SparseLayout, T5Config, build_model
 from moe_jax.models import blocks

@@ -4,7 +4,6 @@ Which task an example came from is read back from its T5 prefix text
 (``"translate Alvic to Borran: ..."``), independently of the curriculum code.
 """
 
-import json
 import math
 import os
 import shutil
@@ -17,9 +16,9 @@ import pytest
 import seqio
 
 import tasks.synthetic as synthetic  # registers the tasks
-from moe_jax import train
+from moe_jax import gin_utils, train
 from moe_jax.data import curriculum
-from moe_jax.data import pipeline
+from moe_jax.data import train_iterator
 from moe_jax.data import synthetic_languages as sl
 from moe_jax.data import vocabularies
 
@@ -32,7 +31,7 @@ NUM_BATCHES = 7
 
 
 def _iterator(phases=PHASES, seed=5):
-  return pipeline.get_train_iterator(
+  return train_iterator.get_train_iterator(
       synthetic.MIXTURE_NAME, LENGTHS, batch_size=4, seed=seed, shard_index=0,
       num_shards=1, pack=False, curriculum=phases)
 
@@ -60,12 +59,14 @@ def _assert_batches_equal(expected, got):
 
 
 @pytest.fixture(scope="module")
-def reference_run():
-  """Seven batches straight through, and the JSON state before each."""
+def reference_run(tmp_path_factory):
+  """Seven batches straight through, and the saved position before each."""
+  root = tmp_path_factory.mktemp("curriculum_positions")
   it = _iterator()
   states, batches = [], []
-  for _ in range(NUM_BATCHES):
-    states.append(json.loads(json.dumps(it.get_state())))
+  for step in range(NUM_BATCHES):
+    it.save(str(root / str(step)))
+    states.append(str(root / str(step)))
     batches.append(next(it))
   return states, batches
 
@@ -79,7 +80,7 @@ def test_each_phase_yields_only_its_members_switching_at_the_boundary(reference_
     assert per_batch[step] <= {BA, CA}, step
   assert set().union(*per_batch[3:]) == {BA, CA}  # both members sampled
   # Phase 0 is the plain iterator of its task (seed + phase index 0).
-  plain = pipeline.get_train_iterator(AB, LENGTHS, batch_size=4, seed=5,
+  plain = train_iterator.get_train_iterator(AB, LENGTHS, batch_size=4, seed=5,
                                       shard_index=0, num_shards=1, pack=False)
   _assert_batches_equal(batches[:3], [next(plain) for _ in range(3)])
 
@@ -89,8 +90,12 @@ def test_each_phase_yields_only_its_members_switching_at_the_boundary(reference_
 def test_resume_gives_the_same_batches_as_straight_through(reference_run, restore_at):
   states, batches = reference_run
   resumed = _iterator()
-  resumed.set_state(states[restore_at])
+  resumed.restore(states[restore_at])
   assert resumed.current_phase == (0 if restore_at < 3 else 1)
+  # Mid-phase the phase's tf.data position is saved; on a boundary the next
+  # phase starts its stream fresh.
+  assert os.path.isdir(os.path.join(states[restore_at], curriculum.PHASE_DIR)) == (
+      restore_at != 3)
   got = [next(resumed) for _ in range(restore_at, NUM_BATCHES)]
   _assert_batches_equal(batches[restore_at:], got)
   assert resumed.get_state()["batches_consumed"] == NUM_BATCHES
@@ -129,25 +134,35 @@ def test_bad_phase_list_says_how_to_fix_it(phases, message):
   assert message in str(e.value)
 
 
-def test_unknown_task_and_foreign_state_are_rejected(reference_run):
+def test_legacy_json_curriculum_state_is_replayed(reference_run):
+  _, batches = reference_run
+  legacy = dict(_iterator().get_state(), format=curriculum.LEGACY_STATE_FORMAT,
+                batches_consumed=5)
+  resumed = _iterator()
+  resumed.set_state(legacy)
+  _assert_batches_equal(batches[5:], [next(resumed) for _ in range(5, NUM_BATCHES)])
+
+
+def test_unknown_task_and_foreign_state_are_rejected(reference_run, tmp_path):
   with pytest.raises(curriculum.CurriculumError,
                      match="phase 1 .start_step 3. names 'no_such_task'.*MIXTURE_OR_TASK_MODULE"):
     _iterator([(0, AB), (3, [BA, "no_such_task"])])
   it = _iterator()
-  plain = pipeline.get_train_iterator(AB, LENGTHS, 4, seed=5, shard_index=0,
+  plain = train_iterator.get_train_iterator(AB, LENGTHS, 4, seed=5, shard_index=0,
                                       num_shards=1, pack=False)
+  plain.save(str(tmp_path / "plain"))
   with pytest.raises(ValueError, match="written without a curriculum"):
-    it.set_state(plain.get_state())
+    it.restore(str(tmp_path / "plain"))
   other = _iterator([(0, AB), (4, [BA, CA])])
-  with pytest.raises(ValueError, match="Resume with the same curriculum"):
-    other.set_state(reference_run[0][2])
+  with pytest.raises(ValueError, match="phases=.*differently configured"):
+    other.restore(reference_run[0][2])
 
 
 def test_shipped_gin_example_binds_a_valid_curriculum():
-  train.parse_gin(["runs/multi30k_curriculum.gin"],
+  gin_utils.parse_gin(["runs/multi30k_curriculum.gin"],
                   ["MODEL_DIR = None", "CURRICULUM_LATE_START = 40"])
   try:  # building the iterator reads no data (Multi30k tasks only register)
-    it = pipeline.get_train_iterator("multi30k_translate_mix", LENGTHS, 4,
+    it = train_iterator.get_train_iterator("multi30k_translate_mix", LENGTHS, 4,
                                      shard_index=0, num_shards=1)
   finally:
     gin.clear_config()
@@ -201,7 +216,7 @@ def persistent_compilation_cache(tmp_path):
 
 
 def _train(model_dir):
-  train.parse_gin(["runs/quickstart.gin"],
+  gin_utils.parse_gin(["runs/quickstart.gin"],
                   TINY_QUICKSTART + [f"MODEL_DIR = '{model_dir}'"])
   try:
     return train.configured_experiment().run(log_fn=lambda _: None)
@@ -229,4 +244,6 @@ def test_moe_train_resumes_a_curriculum_run_exactly(tmp_path):
     state = _data_state(tmp_path / "straight", step)
     assert state["format"] == curriculum.STATE_FORMAT
     assert state["batches_consumed"] == consumed
+    assert os.path.isfile(tmp_path / "straight" / str(step) / "data_iterator" /
+                          "process_0-of-1" / "state.json")
   assert _data_state(tmp_path / "resumed", 12) == _data_state(tmp_path / "straight", 12)

@@ -9,8 +9,7 @@ import pytest
 import seqio
 
 import tasks.synthetic  # noqa: F401  (registers the tasks)
-from moe_jax import partitioning
-from moe_jax.data import pipeline
+from moe_jax.data import pipeline, train_iterator
 from moe_jax.data import synthetic_languages as sl
 
 TASK = "synthetic_translate_xa_xb"
@@ -38,40 +37,42 @@ def test_two_shards_cover_exactly_one_unsharded_pass():
   assert not set(shards[0]) & set(shards[1])
 
 
-def test_resume_from_saved_state_continues_identically():
-  make = lambda: pipeline.get_train_iterator(  # noqa: E731
+def test_resume_from_saved_position_continues_identically(tmp_path):
+  make = lambda: train_iterator.get_train_iterator(  # noqa: E731
       MIX, LENGTHS, batch_size=4, seed=3, shard_index=0, num_shards=1)
   first = make()
   for _ in range(5):
     next(first)
-  state = json.loads(json.dumps(first.get_state()))  # survives JSON
+  first.save(str(tmp_path / "pos"))
   expected = [next(first) for _ in range(3)]
   resumed = make()
-  resumed.set_state(state)
+  resumed.restore(str(tmp_path / "pos"))
   got = [next(resumed) for _ in range(3)]
   for e, g in zip(expected, got):
     assert e.keys() == g.keys()
     for k in e:
       np.testing.assert_array_equal(e[k], g[k])
   assert resumed.get_state()["batches_consumed"] == 8
+  assert json.loads(json.dumps(resumed.get_state())) == resumed.get_state()
 
 
-def test_other_seed_other_order_and_set_state_rejects_other_config():
+def test_other_seed_other_order_and_restore_rejects_other_config(tmp_path):
   # (Same seed -> same order is shown by the resume test above.)
-  it_1 = pipeline.get_train_iterator(TASK, LENGTHS, 4, seed=1, shard_index=0,
-                                     num_shards=1)
-  it_2 = pipeline.get_train_iterator(TASK, LENGTHS, 4, seed=2, shard_index=0,
-                                     num_shards=1)
+  it_1 = train_iterator.get_train_iterator(TASK, LENGTHS, 4, seed=1, shard_index=0,
+                                           num_shards=1)
+  it_2 = train_iterator.get_train_iterator(TASK, LENGTHS, 4, seed=2, shard_index=0,
+                                           num_shards=1)
   a, c = next(it_1), next(it_2)
   assert not np.array_equal(a["encoder_input_tokens"], c["encoder_input_tokens"])
+  it_1.save(str(tmp_path / "pos"))
   with pytest.raises(ValueError, match="seed=1 but this pipeline has seed=2"):
-    it_2.set_state(it_1.get_state())
+    it_2.restore(str(tmp_path / "pos"))
   with pytest.raises(ValueError, match="Not a data iterator state"):
     it_2.set_state({"batches_consumed": 3})
 
 
 def test_packed_rows_hold_whole_examples():
-  batch = next(pipeline.get_train_iterator(TASK, {"inputs": 32, "targets": 16}, 4,
+  batch = next(train_iterator.get_train_iterator(TASK, {"inputs": 32, "targets": 16}, 4,
                                            seed=0, shard_index=0, num_shards=1))
   tokens, segments = batch["decoder_target_tokens"], batch["decoder_segment_ids"]
   positions = batch["decoder_positions"]
@@ -108,22 +109,6 @@ def test_decoder_model_concatenates_inputs_and_targets():
   assert ex["decoder_loss_weights"][n_inputs:n].sum() == n - n_inputs
 
 
-def test_to_global_batch_is_batch_sharded_and_equal_to_input():
-  mesh = partitioning.make_mesh({"data": 2, "expert": 4})
-  batch = {"decoder_target_tokens": np.arange(8 * 5, dtype=np.int32).reshape(8, 5)}
-  out = pipeline.to_global_batch(batch, mesh)
-  arr = out["decoder_target_tokens"]
-  assert isinstance(arr, jax.Array) and arr.shape == (8, 5)
-  np.testing.assert_array_equal(np.asarray(arr), batch["decoder_target_tokens"])
-  assert arr.sharding.spec[0] == ("data", "fsdp", "expert")
-  for shard in arr.addressable_shards:
-    assert shard.data.shape == (1, 5)  # one row per device (8 devices)
-    np.testing.assert_array_equal(np.asarray(shard.data),
-                                  batch["decoder_target_tokens"][shard.index])
-  with pytest.raises(ValueError, match="multiple of data\\*fsdp\\*expert"):
-    pipeline.to_global_batch({"x": np.zeros((6, 5), np.int32)}, mesh)
-
-
 def test_eval_datasets_pad_last_batch_and_keep_order():
   evals = pipeline.get_eval_datasets(TASK, LENGTHS, batch_size=64, shard_index=0,
                                      num_shards=1, max_examples=100)
@@ -153,16 +138,16 @@ def test_data_report_counts_truncated_sequences():
 
 def test_bad_arguments_explain_the_fix():
   with pytest.raises(ValueError, match="not divisible by the 2 data shards"):
-    pipeline.get_train_iterator(MIX, LENGTHS, batch_size=5, shard_index=0,
+    train_iterator.get_train_iterator(MIX, LENGTHS, batch_size=5, shard_index=0,
                                 num_shards=2)
   with pytest.raises(ValueError, match="MIXTURE_OR_TASK_MODULE"):
-    pipeline.get_train_iterator("no_such_task", LENGTHS, batch_size=4)
+    train_iterator.get_train_iterator("no_such_task", LENGTHS, batch_size=4)
   with pytest.raises(ValueError, match="model_type"):
     pipeline.make_feature_converter("encoder_only")
 
 
 def test_default_shard_is_this_process():
-  it = pipeline.get_train_iterator(MIX, LENGTHS, batch_size=4)  # builds lazily
+  it = train_iterator.get_train_iterator(MIX, LENGTHS, batch_size=4)  # builds lazily
   assert (it.config["shard_index"], it.config["num_shards"]) == (
       jax.process_index(), jax.process_count())
   assert it.config["per_host_batch_size"] == 4 // jax.process_count()

@@ -1,6 +1,7 @@
 """Mixture-of-Students distillation: the KL term vs NumPy, the student step's
 loss vs the formula, the staged stop (teacher no longer run), config errors."""
 
+import dataclasses
 import os
 
 import jax
@@ -11,6 +12,7 @@ import pytest
 from moe_jax import partitioning
 from moe_jax.layers.moe_config import MoeConfig
 from moe_jax.models import SparseLayout, T5Config, build_model
+from moe_jax.models import config as model_config_lib
 from moe_jax.training import distillation, experiment, loop, optimizers
 from moe_jax.training import train_state, train_step
 
@@ -93,8 +95,8 @@ def _logits_fn(model):
   return lambda params, batch: np.asarray(jitted(params, batch))
 
 
-def _mesh(n):
-  return partitioning.make_mesh({"data": n}, devices=jax.devices()[:n])
+def _partitioner(n):
+  return partitioning.Partitioner.create({"data": n}, devices=jax.devices()[:n])
 
 
 SHAPES = train_state.dummy_batch(BATCH, {"inputs": LENGTH, "targets": LENGTH})
@@ -106,11 +108,9 @@ def teacher_dir(tmp_path_factory):
   """A 2+2-layer MoE teacher's train state saved by the CheckpointManager."""
   from moe_jax.checkpoints.manager import CheckpointManager
   path = str(tmp_path_factory.mktemp("teacher"))
-  mesh = _mesh(1)
-  rules = partitioning.standard_logical_rules()
   model = build_model(_config(2))
   state, _ = train_state.init_train_state(model, optimizers.make_optimizer("adamw"),
-                                          mesh, rules, SHAPES, seed=7)
+                                          _partitioner(1), SHAPES, seed=7)
   with CheckpointManager(path, save_interval_steps=1, async_save=False) as mgr:
     mgr.save(5, state, {}, force=True)
     mgr.wait_until_finished()
@@ -145,8 +145,6 @@ def test_student_loss_matches_formula_then_plain_ce_after_stop_step(teacher_dir,
   w, t = 0.7, 2.0
   cfg = distillation.DistillationConfig(teacher_checkpoint=path, teacher_config=_config(2),
                                         temperature=t, weight=w, stop_step=2)
-  mesh = _mesh(2)
-  rules = partitioning.standard_logical_rules()
   student = build_model(_config(1))
   tx = optimizers.make_optimizer(
       "adamw", optimizers.make_schedule("constant", 3e-2, warmup_steps=0))
@@ -154,7 +152,8 @@ def test_student_loss_matches_formula_then_plain_ce_after_stop_step(teacher_dir,
   writer, lines = _Writer(), []
   loop_cfg = loop.LoopConfig(train_steps=3, log_period=1, checkpoint_period=None,
                              num_microbatches=2, seed=1)
-  result = loop.train(student, tx, mesh, rules, iter([batch] * 3), SHAPES, loop_cfg,
+  layout = train_state.StateLayout.create(student, tx, _partitioner(2), SHAPES)
+  result = loop.train(layout, iter([batch] * 3), loop_cfg,
                       loss_cfg=NO_AUX, writers=(writer, None), log_fn=lines.append,
                       distillation=cfg)
   jax.effects_barrier()
@@ -162,7 +161,7 @@ def test_student_loss_matches_formula_then_plain_ce_after_stop_step(teacher_dir,
   assert len(runs) == 2 * 2                   # steps 0 and 1 only, 2 microbatches each
 
   # Reference for step 0: the loop's initial params (same seed), one device.
-  init, _ = train_state.init_train_state(student, tx, _mesh(1), rules, SHAPES, seed=1)
+  init, _ = train_state.init_train_state(student, tx, _partitioner(1), SHAPES, seed=1)
   s_logits = _logits_fn(student)(jax.device_get(init.params), batch)
   t_logits = _logits_fn(build_model(_config(2)))(teacher_params, batch)
   weights = batch["decoder_loss_weights"]
@@ -186,22 +185,23 @@ def test_student_loss_matches_formula_then_plain_ce_after_stop_step(teacher_dir,
 
 
 def test_teacher_config_found_next_to_checkpoint(teacher_dir, tmp_path):
-  """``config.gin`` in the teacher's MODEL_DIR is found and parsed (in a
-  subprocess) into the teacher's ``T5Config``."""
+  """``model_config.json`` in the teacher's MODEL_DIR is found from a step
+  directory and read (without gin) into the teacher's ``T5Config``."""
   path, _ = teacher_dir
-  gin_file = os.path.join(path, "config.gin")
-  with open(gin_file, "w") as f:
-    f.write("include 'models/tiny_switch.gin'\n"
-            "T5Config.num_decoder_layers = 3\nMoeConfig.num_experts = 4\n"
-            "LossConfig.z_loss = 0.0\n")
+  want = dataclasses.replace(_config(2), num_decoder_layers=3)
+  json_file = os.path.join(path, model_config_lib.CONFIG_FILE)
+  model_config_lib.save_json(want, json_file)
   try:
     cfg = distillation.DistillationConfig(teacher_checkpoint=os.path.join(path, "5"))
-    assert distillation.find_teacher_gin(cfg.teacher_checkpoint) == gin_file
+    assert distillation.find_teacher_config(cfg.teacher_checkpoint) == json_file
     teacher = distillation.teacher_model_config(cfg)
   finally:
-    os.remove(gin_file)
-  assert isinstance(teacher, T5Config)
-  assert (teacher.vocab_size, teacher.d_model, teacher.num_decoder_layers) == (512, 64, 3)
-  assert teacher.moe.num_experts == 4 and teacher.moe.num_selected_experts == 1
-  with pytest.raises(FileNotFoundError, match="missing.gin"):
-    distillation.config_from_gin_file(str(tmp_path / "missing.gin"))
+    os.remove(json_file)
+  assert isinstance(teacher, T5Config) and teacher == want
+  assert teacher.num_decoder_layers == 3
+  with pytest.raises(FileNotFoundError, match="missing.json"):
+    distillation.teacher_model_config(distillation.DistillationConfig(
+        teacher_checkpoint=path, teacher_config_file=str(tmp_path / "missing.json")))
+  with pytest.raises(FileNotFoundError, match="model_config.json"):
+    distillation.teacher_model_config(distillation.DistillationConfig(
+        teacher_checkpoint=path))

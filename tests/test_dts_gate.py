@@ -86,16 +86,16 @@ def test_threshold_selection_matches_numpy(step, threshold):
   assert decision.slot_token.shape == (2, E, 6)
   np.testing.assert_allclose(_combine_matrix(decision, 2, 6), gates * selected,
                              rtol=1e-5, atol=1e-7)
-  assert float(decision.dropped_fraction) == 0.0
+  assert float(decision.metrics["dropped_fraction"]) == 0.0
   n_real = mask.sum()
   np.testing.assert_allclose(
-      float(dts_gate.experts_per_token(decision, jnp.asarray(mask), 6)),
+      float(dts_gate.experts_per_token(decision.slot_token, jnp.asarray(mask))),
       selected.sum() / n_real, rtol=1e-6)
   # Balance loss: E * sum_e f_e P_e, f_e = share of real tokens reaching e.
   probs = np_softmax(np.asarray(logits, np.float64))
   f = selected.sum(1) / mask.sum(1)[:, None]
   p = (probs * mask[..., None]).sum(1) / mask.sum(1)[:, None]
-  np.testing.assert_allclose(float(decision.aux_loss), E * np.mean((f * p).sum(-1)),
+  np.testing.assert_allclose(float(decision.metrics["aux_loss"]), E * np.mean((f * p).sum(-1)),
                              rtol=1e-5)
 
 
@@ -123,7 +123,7 @@ def test_capacity_factor_mode_drops_in_rank_major_order():
                              atol=1e-7)
   kept, chosen = (expected > 0).sum(), selected.sum()
   assert kept < chosen  # the case really drops
-  np.testing.assert_allclose(float(decision.dropped_fraction), 1 - kept / chosen,
+  np.testing.assert_allclose(float(decision.metrics["dropped_fraction"]), 1 - kept / chosen,
                              rtol=1e-6)
 
 
@@ -146,7 +146,7 @@ def test_eval_is_plain_top_k(k):
           probs[gi, t, top[gi, t]].sum() if k > 1 else 1.0)
   np.testing.assert_allclose(_combine_matrix(decision, 2, 6), expected, rtol=1e-5,
                              atol=1e-7)
-  assert float(dts_gate.experts_per_token(decision, jnp.asarray(mask), 6)) == k
+  assert float(dts_gate.experts_per_token(decision.slot_token, jnp.asarray(mask))) == k
 
 
 def _train_forward(layer, params, x, key):

@@ -10,6 +10,7 @@ import pytest
 import sacrebleu
 
 from moe_jax import eval as eval_bin
+from moe_jax import gin_utils
 from moe_jax import models
 from moe_jax.evaluation import evaluator, gin_setup, inference
 from moe_jax.evaluation import routing_stats as rs
@@ -99,3 +100,50 @@ def test_moe_eval_says_what_is_missing(capsys):
                       f"--gin.MIXTURE_OR_TASK_NAME={TASK}"])
   assert rc == 2
   assert "CHECKPOINT_PATH" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def run_dir(random_checkpoint, tmp_path_factory):
+  """A moe-train-like run directory: ``config.gin`` (gin's operative config of
+  the run, as moe-train writes it) and the checkpoint as step 7."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  import gin  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("run")
+  gin_utils.parse_gin(["runs/quickstart.gin"], [f"MODEL_DIR = '{root}'"])
+  (root / "config.gin").write_text(gin.config_str())
+  gin.clear_config()
+  shutil.copytree(random_checkpoint, root / "7" / "state")
+  return str(root)
+
+
+@pytest.mark.parametrize("where", ["run_dir", "step_dir"])
+def test_moe_eval_takes_the_model_from_the_runs_config(run_dir, tmp_path, capsys, where):
+  checkpoint = run_dir if where == "run_dir" else os.path.join(run_dir, "7")
+  out_dir = str(tmp_path / "eval")
+  rc = eval_bin.main([
+      "--gin_file=runs/eval.gin", f"--gin.CHECKPOINT_PATH={checkpoint}",
+      f"--gin.MIXTURE_OR_TASK_NAME={TASK}",
+      "--gin.TASK_FEATURE_LENGTHS={'inputs': 24, 'targets': 24}",
+      "--gin.EVAL_BATCH_SIZE=8", "--gin.EVAL_MAX_EXAMPLES=8", "--gin.MAX_DECODE_LENGTH=6",
+      "--gin.COLLECT_ROUTING_STATS=False", f"--gin.EVAL_OUTPUT_DIR={out_dir}"])
+  out = capsys.readouterr()
+  assert rc == 0, out.err
+  assert f"moe-eval: model and data settings from {os.path.join(run_dir, 'config.gin')}" in out.out
+  with open(os.path.join(out_dir, "metrics.json")) as f:
+    assert set(json.load(f)) == {TASK}
+
+
+def test_explicit_model_gin_wins_over_the_runs_config(run_dir):
+  bindings = [f"CHECKPOINT_PATH = '{run_dir}'", f"MIXTURE_OR_TASK_NAME = '{TASK}'"]
+  assert gin_setup.parse(["models/tiny_dense.gin", "runs/eval.gin"], bindings) is None
+  assert gin_setup.model_config().moe is None            # tiny_dense, not the run's MoE
+  used = gin_setup.parse(["runs/eval.gin"], bindings)
+  assert used == os.path.join(run_dir, "config.gin")
+  assert gin_setup.model_config().moe.num_experts == 8   # the run's (tiny_switch)
+
+
+def test_no_model_and_no_run_config_says_what_to_give(random_checkpoint, capsys):
+  rc = eval_bin.main(["--gin_file=runs/eval.gin", f"--gin.CHECKPOINT_PATH={random_checkpoint}",
+                      f"--gin.MIXTURE_OR_TASK_NAME={TASK}", "--gin.EVAL_OUTPUT_DIR=/tmp/x"])
+  err = capsys.readouterr().err
+  assert rc == 2 and "No model" in err and "--gin_file=models/" in err

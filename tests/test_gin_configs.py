@@ -17,9 +17,9 @@ import os
 import gin
 import pytest
 
-from moe_jax import train
+from moe_jax import gin_utils, train
 
-GIN_DIR = train.GIN_CONFIGS_DIR
+GIN_DIR = gin_utils.GIN_CONFIGS_DIR
 ALL_FILES = sorted(os.path.relpath(p, GIN_DIR)
                    for p in glob.glob(os.path.join(GIN_DIR, "**", "*.gin"), recursive=True))
 
@@ -56,7 +56,7 @@ def test_gin_file_inits_and_trains_one_step(gin_file):
     files.append("runs/pretrain.gin")
   elif gin_file != "runs/quickstart.gin":
     files.insert(0, "models/tiny_switch.gin")
-  train.parse_gin(files, TINY + RUN)
+  gin_utils.parse_gin(files, TINY + RUN)
   exp = train.configured_experiment()
   cfg = exp.model_config
   family = "dense" if cfg.moe is None else cfg.moe.router_type

@@ -59,12 +59,42 @@ def test_sharded_decoding_equals_unsharded():
   spec = inference.DecodeSpec(method="greedy")
   outputs = []
   for mesh in (single, partitioning.make_mesh({"data": 4, "expert": 2})):
-    _, shardings = inference.abstract_params(model, mesh, rules)
+    partitioner = partitioning.Partitioner(mesh, rules)
+    _, shardings = inference.abstract_params(model, partitioner)
     placed = jax.device_put(jax.device_get(params), shardings)
-    predictor = inference.Predictor(model, placed, mesh, rules, spec)
+    predictor = inference.Predictor(model, placed, partitioner, spec)
     outputs.append(predictor.predict(enc, max_decode_length=6))
   assert outputs[0].shape == (8, 6)
   np.testing.assert_array_equal(outputs[0], outputs[1])
   # decode_texts keeps input order across batches and drops padding rows.
   texts = list(infer.decode_texts(predictor, _CharVocab(), ["ab", "cd", "e"], 5, 8, 6))
   assert len(texts) == 3
+
+
+def test_moe_infer_takes_the_model_from_the_runs_config(tmp_path, capsys):
+  """A run directory (config.gin + step 3) and no model gin: the binary decodes."""
+  import gin  # pylint: disable=g-import-not-at-top
+  import tasks.synthetic  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  from moe_jax import gin_utils  # pylint: disable=g-import-not-at-top
+  from moe_jax.prune import save_params_checkpoint  # pylint: disable=g-import-not-at-top
+  run = tmp_path / "run"
+  gin_utils.parse_gin(["runs/quickstart.gin"], [f"MODEL_DIR = '{run}'"])
+  run.mkdir()
+  (run / "config.gin").write_text(gin.config_str())
+  model = models.build_model(gin_utils.register_configurables()["T5Config"]())
+  gin.clear_config()
+  ones = np.ones((1, 4), np.int32)
+  params = jax.jit(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), ones, ones, ones,
+                                               enable_dropout=False)["params"]))()
+  save_params_checkpoint(str(run / "3" / "state"), jax.device_get(params))
+  (tmp_path / "in.txt").write_text("xa one\nxa two\n")
+  rc = infer.main(["--gin_file=runs/infer.gin", f"--gin.CHECKPOINT_PATH={run / '3'}",
+                   "--gin.MIXTURE_OR_TASK_NAME=synthetic_translate_xa_xb",
+                   "--gin.TASK_FEATURE_LENGTHS={'inputs': 8, 'targets': 4}",
+                   f"--gin.INFER_INPUT_FILE={tmp_path / 'in.txt'}",
+                   f"--gin.INFER_OUTPUT_FILE={tmp_path / 'out.txt'}",
+                   "--gin.INFER_BATCH_SIZE=8"])
+  err = capsys.readouterr().err
+  assert rc == 0, err
+  assert f"moe-infer: model and data settings from {run / 'config.gin'}" in err
+  assert len((tmp_path / "out.txt").read_text().splitlines()) == 2

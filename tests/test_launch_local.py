@@ -172,13 +172,13 @@ def _finish(proc):
 
 def _reference_losses(steps):
   """One process, 8 devices, the same global batches (both data shards stacked)."""
-  from moe_jax import train  # pylint: disable=g-import-not-at-top
-  from moe_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from moe_jax import gin_utils, train  # pylint: disable=g-import-not-at-top
+  from moe_jax.data import train_iterator  # pylint: disable=g-import-not-at-top
   from moe_jax.training import loop  # pylint: disable=g-import-not-at-top
-  train.parse_gin(["runs/quickstart.gin"], ["MODEL_DIR = None", f"TRAIN_STEPS = {steps}"] + [
+  gin_utils.parse_gin(["runs/quickstart.gin"], ["MODEL_DIR = None", f"TRAIN_STEPS = {steps}"] + [
       f"{k} = {v}" for k, v in BINDINGS.items()])
   exp = train.configured_experiment()
-  shards = [pipeline.get_train_iterator(
+  shards = [train_iterator.get_train_iterator(
       exp.mixture_or_task_name, exp.task_feature_lengths, exp.batch_size,
       seed=exp.data_seed, pack=exp.pack, model_type=exp.model_type,
       shard_index=i, num_shards=2) for i in range(2)]
@@ -188,9 +188,9 @@ def _reference_losses(steps):
       parts = [next(s) for s in shards]
       yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-  result = loop.train(exp.model, exp.tx, exp.mesh, exp.rules, global_batches(),
-                      exp.batch_shapes, exp.loop_config, loss_cfg=exp.loss_config,
-                      schedule=exp.schedule, model_dir=None, log_fn=lambda _: None)
+  result = loop.train(exp.layout, global_batches(), exp.loop_config,
+                      loss_cfg=exp.loss_config, schedule=exp.schedule, model_dir=None,
+                      log_fn=lambda _: None, step_factory=exp._jitted_step)  # pylint: disable=protected-access
   return result.losses
 
 

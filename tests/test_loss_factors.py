@@ -1,6 +1,8 @@
-"""MoEC cluster-loss and NLLB CMR budget-loss factors (train step and
-``compute_loss`` agree), and the training step visible to the model."""
+"""MoEC cluster-loss and NLLB CMR budget-loss factors (the train step and
+``losses.weighted_moe_losses`` agree), and the training step visible to the
+model."""
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -91,18 +93,18 @@ def test_train_step_adds_factor_times_sum_over_layers(num_microbatches):
                                     + 0.1 * CMR_SUM, rel=1e-6)
 
 
-def test_compute_loss_uses_the_same_definition():
+def test_weighted_moe_losses_is_factor_times_sum_over_layers():
   inter = {"encoder": {f"layers_{i}": {"moe": {k: (jnp.asarray(v, jnp.float32),)
                                                for k, v in values.items()}}
                        for i, values in enumerate(LAYERS)}}
-  logits, targets = jnp.zeros((1, 2, 3)), jnp.array([[1, 2]])
-  base, _ = losses.compute_loss(logits, targets, z_loss=0.0)
-  loss, m = losses.compute_loss(logits, targets, intermediates=inter, z_loss=0.0,
-                                aux_loss_factor=0.0, cluster_loss_factor=0.05,
-                                cmr_budget_loss_factor=0.1)
-  assert float(m["cluster_loss"]) == pytest.approx(0.05 * CLUSTER_SUM, rel=1e-6)
+  factors = dataclasses.asdict(train_step.LossConfig(
+      aux_loss_factor=0.0, cluster_loss_factor=0.05, cmr_budget_loss_factor=0.1))
+  m = losses.weighted_moe_losses(inter, factors)
+  assert float(m["moe_cluster_loss"]) == pytest.approx(0.05 * CLUSTER_SUM, rel=1e-6)
   assert float(m["cmr_budget_loss"]) == pytest.approx(0.1 * CMR_SUM, rel=1e-6)
-  assert float(loss - base) == pytest.approx(0.05 * CLUSTER_SUM + 0.1 * CMR_SUM, rel=1e-6)
+  assert float(m["moe_aux_loss"]) == 0.0
+  with pytest.raises(ValueError, match="cluster_loss_factor"):
+    losses.weighted_moe_losses(inter, {"aux_loss_factor": 1.0, "router_z_loss_factor": 1.0})
   # Defaults: cluster 1e-2 (MoEC), CMR 0.1 (NLLB).
   assert losses.DEFAULT_CLUSTER_LOSS_FACTOR == 1e-2
   assert train_step.LossConfig().cmr_budget_loss_factor == 0.1
@@ -115,8 +117,8 @@ def test_terms_absent_and_zero_when_features_are_off():
   m = _forward(plain, cfg)
   assert "moe_cluster_loss" not in m and "cmr_budget_loss" not in m
   assert m["loss"] == pytest.approx(m["cross_entropy"], rel=1e-6)
-  weighted = losses.weighted_moe_losses({}, cluster_loss_factor=1.0)
-  assert set(weighted) == {"aux_loss", "router_z_loss"}
+  weighted = losses.weighted_moe_losses({}, dataclasses.asdict(train_step.LossConfig()))
+  assert set(weighted) == {"moe_aux_loss", "moe_router_z_loss"}
 
 
 def test_moec_model_sows_cluster_loss_that_the_step_weights():

@@ -9,7 +9,8 @@ from np_reference import gelu_tanh as np_gelu, softmax as np_softmax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moe_jax import partitioning
-from moe_jax.layers.moe import MoeConfig, MoeLayer, choose_num_groups
+from moe_jax.layers.grouping import choose_num_groups
+from moe_jax.layers.moe import MoeConfig, MoeLayer
 
 D, F, E = 16, 32, 8
 

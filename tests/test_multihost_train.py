@@ -45,8 +45,7 @@ def _train_losses():
       num_decoder_layers=1, dropout_rate=0.0,
       moe=MoeConfig(num_experts=4, num_selected_experts=1, d_ff=32, group_size=16),
       encoder_layout=SparseLayout(kind="all"), decoder_layout=SparseLayout(kind="all")))
-  mesh = partitioning.make_mesh({"data": 2, "expert": 4})
-  rules = partitioning.standard_logical_rules()
+  partitioner = partitioning.Partitioner.create({"data": 2, "expert": 4})
   schedule = optimizers.make_schedule("constant", 0.01, warmup_steps=0)
   tx = optimizers.make_optimizer("adafactor", schedule)
   rows = multihost.process_batch_slice(BATCH)
@@ -62,9 +61,11 @@ def _train_losses():
               "decoder_loss_weights": np.ones((BATCH, LENGTH), np.int32)}
       yield {k: v[rows] for k, v in full.items()}   # this process's rows only
 
+  layout = train_state.StateLayout.create(
+      model, tx, partitioner,
+      train_state.dummy_batch(BATCH, {"inputs": LENGTH, "targets": LENGTH}))
   result = loop.train(
-      model, tx, mesh, rules, batches(),
-      train_state.dummy_batch(BATCH, {"inputs": LENGTH, "targets": LENGTH}),
+      layout, batches(),
       loop.LoopConfig(train_steps=STEPS, log_period=STEPS, checkpoint_period=None),
       schedule=schedule, log_fn=lambda _: None)
   return result.losses

@@ -3,6 +3,7 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -67,3 +68,31 @@ def test_params_shardings_follow_logical_axes():
   sh = partitioning.params_shardings(mesh, abstract, rules)
   assert sh["params"]["w"].spec == P("expert", "fsdp", "model")
   assert sh["params"]["b"].spec == P()
+
+
+def test_partitioner_global_batch_is_batch_sharded_and_equal_to_input():
+  partitioner = partitioning.Partitioner.create({"data": 2, "expert": 4})
+  assert partitioner.num_batch_shards == 8
+  rows = np.arange(8 * 5, dtype=np.int32).reshape(8, 5)
+  out = partitioner.global_batch({"decoder_target_tokens": rows,
+                                  "decoder_route_ids": rows[:, 0]})  # any rank
+  arr = out["decoder_target_tokens"]
+  assert isinstance(arr, jax.Array) and arr.shape == (8, 5)
+  np.testing.assert_array_equal(np.asarray(arr), rows)
+  assert arr.sharding.spec[0] == ("data", "fsdp", "expert")
+  for shard in arr.addressable_shards:
+    assert shard.data.shape == (1, 5)  # one row per device (8 devices)
+    np.testing.assert_array_equal(np.asarray(shard.data), rows[shard.index])
+  np.testing.assert_array_equal(np.asarray(out["decoder_route_ids"]), rows[:, 0])
+  with pytest.raises(ValueError, match="multiple of data\\*fsdp\\*expert"):
+    partitioner.global_batch({"x": np.zeros((6, 5), np.int32)})
+
+
+def test_partitioner_shardings_and_context():
+  partitioner = partitioning.Partitioner.create({"data": 4, "fsdp": 2})
+  assert partitioner.sharding(("embed", "mlp")).spec == P("fsdp", "model")
+  assert partitioner.replicated.spec == P()
+  with partitioner.activate():
+    assert partitioning.current_mesh() is not None
+  no_fsdp = partitioning.Partitioner.create({"data": 8}, fsdp_params=False)
+  assert no_fsdp.sharding(("embed",)).spec == P(None)

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from moe_jax import train, upcycle
+from moe_jax import gin_utils, upcycle
 from moe_jax.checkpoints import upcycling
 from moe_jax.layers.moe_config import MoeConfig
 from moe_jax.models import SparseLayout, T5Config, build_model, decoding
@@ -135,9 +135,9 @@ def test_mixed_model_inits_trains_a_step_and_decodes():
 
 
 def test_sparse_upcycle_gin_is_the_paper_recipe_and_round_trips():
-  train.parse_gin(["runs/sparse_upcycle.gin"], ["T5Config.d_ff = 2048"], finalize=False)
+  gin_utils.parse_gin(["runs/sparse_upcycle.gin"], ["T5Config.d_ff = 2048"], finalize=False)
   try:
-    cfg = train.register_configurables()["T5Config"]()
+    cfg = gin_utils.register_configurables()["T5Config"]()
   finally:
     gin.clear_config()
   enc, dec = cfg.stack_moe("encoder"), cfg.stack_moe("decoder")
@@ -150,7 +150,7 @@ def test_sparse_upcycle_gin_is_the_paper_recipe_and_round_trips():
   text = upcycle.model_gin(cfg)
   gin.parse_config(text.replace("MODEL_CONFIG = @T5Config()\n", ""))
   try:
-    rebuilt = train.register_configurables()["T5Config"]()
+    rebuilt = gin_utils.register_configurables()["T5Config"]()
   finally:
     gin.clear_config()
   assert rebuilt == cfg

@@ -104,7 +104,7 @@ def test_pruned_params_shrink_as_asked_and_routing_stays_in_kept_experts(tiny, t
   # The pruned model loads from its checkpoint with the pruned config ...
   path = save_params_checkpoint(str(tmp_path / "ckpt"), pruned)
   model = models.build_model(new_config)
-  abstract, shardings = inference.abstract_params(model, mesh, rules)
+  abstract, shardings = inference.abstract_params(model, partitioning.Partitioner(mesh, rules))
   loaded = restore.restore_params(path, abstract, shardings)
   for a, b in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(pruned)):
     np.testing.assert_array_equal(np.asarray(a), b)
@@ -143,7 +143,7 @@ def test_bad_keep_is_refused():
     pruning.PruneSpec(keep=0.0)
 
 
-def test_moe_prune_binary_writes_a_loadable_checkpoint_per_pair(tmp_path):
+def test_moe_prune_binary_writes_a_loadable_checkpoint_per_pair(tmp_path, capsys):
   from moe_jax import prune as prune_bin
   from moe_jax.evaluation import gin_setup
   gin_setup.parse(["models/tiny_switch.gin"], [])
@@ -181,11 +181,25 @@ def test_moe_prune_binary_writes_a_loadable_checkpoint_per_pair(tmp_path):
   # Encoder by source xa (experts 0, 1), decoder by target xb (its stats: 4, 5).
   assert summary["kept"] == {"encoder/layers/layers_1/moe": [0, 1],
                              "decoder/layers/layers_1/moe": [4, 5]}
+  # Without a model gin the model comes from the run's config.gin beside the
+  # checkpoint (here: gin's operative config of tiny_switch, as moe-train writes).
+  import gin  # pylint: disable=g-import-not-at-top
+  from moe_jax import gin_utils  # pylint: disable=g-import-not-at-top
+  gin_utils.parse_gin(["models/tiny_switch.gin"], [])
+  (tmp_path / "config.gin").write_text(gin.config_str())
+  gin.clear_config()
+  rc = prune_bin.main([f"--checkpoint={ckpt}", f"--stats={tmp_path / 'stats.json'}",
+                       "--keep=0.25", "--granularity=language", "--all_pairs",
+                       "--score=activity", f"--output={tmp_path / 'pruned_from_run'}"])
+  assert rc == 0
+  assert f"model and data settings from {tmp_path / 'config.gin'}" in capsys.readouterr().out
+  with open(tmp_path / "pruned_from_run" / "xa_xb" / "pruning.json") as f:
+    assert json.load(f)["kept"] == summary["kept"]
   d, f_ = config.d_model, config.moe.d_ff
   assert summary["params_before"] - summary["params_after"] == 2 * 6 * (3 * d * f_ + d)
   gin_setup.parse(["models/tiny_switch.gin", str(out / "xb_xa" / "pruned.gin")], [])
   pruned_model = models.build_model(gin_setup.model_config())
-  abstract, shardings = inference.abstract_params(pruned_model, mesh, rules)
+  abstract, shardings = inference.abstract_params(pruned_model, partitioning.Partitioner(mesh, rules))
   loaded = restore.restore_params(gin_setup.required("CHECKPOINT_PATH"), abstract, shardings)
   np.testing.assert_array_equal(
       np.asarray(_get(loaded, "encoder/layers/layers_1/moe")["router_kernel"]),

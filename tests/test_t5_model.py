@@ -13,6 +13,7 @@ from moe_jax.layers.moe_config import MoeConfig
 from moe_jax.models import SparseLayout, T5Config, build_model
 from moe_jax.models import losses
 from moe_jax.models.blocks import unrolled_to_scanned
+from moe_jax.training import metrics, train_step
 
 VOCAB = 32
 # Capacity large enough that no token is ever dropped: every token's output
@@ -24,6 +25,16 @@ BASE = T5Config(vocab_size=VOCAB, d_model=16, num_heads=2, d_kv=8, d_ff=24,
                 relative_attention_num_buckets=8, relative_attention_max_distance=16,
                 moe=MOE, encoder_layout=SparseLayout("every", every=2),
                 decoder_layout=SparseLayout("all"))
+
+
+def _total_loss(logits, targets, intermediates):
+  """Token CE (+ z-loss) averaged over targets > 0, plus the weighted MoE terms
+  (the definitions the train step uses, default factors)."""
+  per_token, _ = losses.token_cross_entropy(logits, targets, 0.0, 1e-4)
+  w = (targets > 0).astype(jnp.float32)
+  moe = losses.weighted_moe_losses(intermediates,
+                                   dataclasses.asdict(train_step.LossConfig()))
+  return jnp.sum(per_token * w) / jnp.sum(w) + sum(moe.values())
 
 
 def _batch(batch=2, enc_len=8, dec_len=6, seed=0):
@@ -121,9 +132,8 @@ def test_scan_with_remat_equals_unrolled_incl_gradients_and_moe_metrics():
     def loss_fn(p):
       logits, state = m.apply({"params": p}, enc, dec, tgt, enable_dropout=False,
                               mutable=["intermediates"])
-      loss, _ = losses.compute_loss(logits, tgt, intermediates=state["intermediates"],
-                                    config=cfg)
-      return loss, (logits, state["intermediates"])
+      return _total_loss(logits, tgt, state["intermediates"]), (
+          logits, state["intermediates"])
     return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(p)
 
   (loss, (logits, inter)), grads = run(model, params, config)
@@ -131,11 +141,12 @@ def test_scan_with_remat_equals_unrolled_incl_gradients_and_moe_metrics():
                                                            scan_cfg)
   np.testing.assert_allclose(scan_logits, logits, atol=1e-5)
   np.testing.assert_allclose(scan_loss, loss, atol=1e-6)
-  per_layer = losses.collect_moe_metrics(inter, config)
-  scan_per_layer = losses.collect_moe_metrics(scan_inter, scan_cfg)
+  per_layer = metrics.moe_metrics(inter, config)
+  scan_per_layer = metrics.moe_metrics(scan_inter, scan_cfg)
   assert sorted(per_layer) == sorted(scan_per_layer)
-  assert {k.rsplit("/", 1)[0] for k in per_layer} == {
-      "encoder/layers_1", "encoder/layers_3", "decoder/layers_0", "decoder/layers_1"}
+  assert {k.rsplit("/", 2)[0] for k in per_layer if not k.startswith("moe/mean/")} == {
+      f"moe/{stack}/layers/layers_{i}"
+      for stack, i in (("encoder", 1), ("encoder", 3), ("decoder", 0), ("decoder", 1))}
   for k, v in per_layer.items():
     np.testing.assert_allclose(scan_per_layer[k], v, atol=1e-5, err_msg=k)
   # Gradients (through remat, scan and the MoE aux losses) agree too.
@@ -207,9 +218,7 @@ def test_sharded_equals_unsharded_on_data_x_expert_mesh():
   def loss_and_logits(p):
     logits, state = model.apply({"params": p}, enc, dec, tgt, enable_dropout=False,
                                 mutable=["intermediates"])
-    loss, _ = losses.compute_loss(logits, tgt, intermediates=state["intermediates"],
-                                  config=config)
-    return loss, logits
+    return _total_loss(logits, tgt, state["intermediates"]), logits
 
   ref_loss, ref_logits = jax.jit(loss_and_logits)(params)
   mesh = partitioning.make_mesh({"data": 2, "expert": 4})

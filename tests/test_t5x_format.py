@@ -14,7 +14,8 @@ import pytest
 import tensorstore as ts
 from flax import serialization
 
-from moe_jax import partitioning, upcycle
+import moe_jax.checkpoints
+from moe_jax import gin_utils, partitioning, upcycle
 from moe_jax.checkpoints import formats, restore, t5x_format, tree_paths, upcycling
 
 VOCAB, D, H, KV, F, BUCKETS, STEP = 64, 16, 2, 8, 32, 8, 1234
@@ -114,7 +115,7 @@ def test_reader_maps_names_shapes_and_step(t5x_dir):
   path, target = t5x_dir
   assert os.path.isdir(os.path.join(path, "target.encoder.layers_0.mlp.wi_0.kernel"))
   assert formats.detect_format(path) == "t5x"
-  params, config = t5x_format.load_t5x_t5(path)
+  params, config = moe_jax.checkpoints.load_dense_t5(path, format="t5x")
   assert (config.vocab_size, config.d_model, config.num_heads, config.d_kv, config.d_ff,
           config.num_encoder_layers, config.num_decoder_layers,
           config.relative_attention_num_buckets) == (VOCAB, D, H, KV, F, 2, 2, BUCKETS)
@@ -141,14 +142,12 @@ def test_upcycle_t5x_checks_every_copied_tensor(t5x_dir, tmp_path, capsys):
   assert os.path.isdir(os.path.join(out, str(STEP), "state"))
 
   dense_cfg = formats.config_from_params(t5x_format.t5x_to_params(target))
-  from moe_jax import train  # noqa: PLC0415
-  train.parse_gin(["runs/sparse_upcycle.gin", os.path.join(out, "upcycled_model.gin")],
-                  [], finalize=False)
-  sparse_cfg = train.register_configurables()["T5Config"]()
+  gin_utils.parse_gin(["runs/sparse_upcycle.gin", os.path.join(out, "upcycled_model.gin")],
+                      [], finalize=False)
+  sparse_cfg = gin_utils.register_configurables()["T5Config"]()
   assert sparse_cfg.moe.num_experts == 4 and sparse_cfg.d_model == dense_cfg.d_model
-  mesh = partitioning.make_mesh({"data": 8})
-  abstract, sh = upcycling.abstract_params(sparse_cfg, mesh,
-                                           partitioning.standard_logical_rules())
+  abstract, sh = upcycling.abstract_params(sparse_cfg,
+                                           partitioning.Partitioner.create({"data": 8}))
   params = restore.restore_params(out, abstract, sh)
   flat = {k: np.asarray(v) for k, v in tree_paths.flatten_with_paths(params).items()}
 
@@ -177,6 +176,6 @@ def test_missing_parameter_error_names_it(tmp_path):
   write_t5x_checkpoint(path, target)
   with pytest.raises(t5x_format.T5xFormatError,
                      match="target/decoder/layers_1/pre_mlp_layer_norm/scale"):
-    t5x_format.load_t5x_t5(path)
+    t5x_format.load_t5x_params(path)
   with pytest.raises(FileNotFoundError, match="msgpack"):
     t5x_format.read_t5x_tree(str(tmp_path))

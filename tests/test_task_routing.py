@@ -63,14 +63,11 @@ def test_layer_routes_every_token_by_its_id_like_numpy():
 
 
 def test_all_tokens_with_one_id_choose_the_same_experts():
-  class Probe(nn.Module):
-    @nn.compact
-    def __call__(self, ids):
-      return task_routing.task_router_logits(self, ids, ids.shape, N, E, 1.0)
-
+  probe = task_routing.TaskRouterLogits(num_route_ids=N, num_experts=E, init_stddev=1.0)
   ids = np.array([[1, 1, 2, 0], [3, 3, 3, 2]], np.int32)
-  params = Probe().init(jax.random.PRNGKey(1), ids)["params"]
-  logits = np.asarray(Probe().apply({"params": params}, ids))
+  x = np.zeros(ids.shape + (4,), np.float32)
+  params = probe.init(jax.random.PRNGKey(1), x, route_ids=ids)["params"]
+  logits = np.asarray(probe.apply({"params": params}, x, route_ids=ids))
   table = np.asarray(nn.unbox(params)["router_kernel"])
   np.testing.assert_array_equal(logits, table[ids])
   chosen = np.asarray(jax.lax.top_k(logits, K)[1])

@@ -55,11 +55,6 @@ def test_moe_metrics_are_named_per_layer():
   assert float(losses.sum_sown(inter, "aux_loss")) == 2.0
 
 
-def test_active_params_count_k_of_e_experts():
-  params = {"moe": {"experts": {"wi": jnp.zeros((8, 4, 16))}}, "dense": jnp.zeros((4, 4))}
-  assert metrics.active_params(params, num_experts=8, num_selected_experts=2) == 16 + 2 * 64
-
-
 def _tiny_moe_model():
   # Group size == sequence length: every group is one example, so the MoE
   # groups (and the per-group aux losses) are the same with or without
@@ -83,15 +78,14 @@ def _batch(n=16, length=8, vocab=64, seed=0):
 
 
 def _grads(model, params, batch, mesh, num_microbatches):
-  rules = partitioning.standard_logical_rules()
-  bsh = train_step.batch_sharding(mesh)
+  partitioner = partitioning.Partitioner(mesh, partitioning.standard_logical_rules())
 
   def f(p, b):
     return train_step.loss_and_grads(model, p, b, train_step.LossConfig(),
                                      jax.random.PRNGKey(1), num_microbatches, mesh)
 
-  with partitioning.with_sharding(mesh, rules):
-    batch = jax.device_put(batch, bsh)
+  with partitioner.activate():
+    batch = partitioner.global_batch(batch)
     grads, m = jax.jit(f)(params, batch)
   return jax.device_get(grads), {k: float(v) for k, v in m.items()}
 
@@ -100,13 +94,12 @@ def _grads(model, params, batch, mesh, num_microbatches):
 def full_batch_reference():
   """Params (seed 3) and full-batch grads on ONE device: the reference."""
   model = _tiny_moe_model()
-  one = partitioning.make_mesh({"data": 1}, devices=jax.devices()[:1])
-  rules = partitioning.standard_logical_rules()
+  one = partitioning.Partitioner.create({"data": 1}, devices=jax.devices()[:1])
   tx = optimizers.make_optimizer("adamw")
   shapes = train_state.dummy_batch(16, {"inputs": 8, "targets": 8})
-  state, _ = train_state.init_train_state(model, tx, one, rules, shapes, seed=3)
+  state, _ = train_state.init_train_state(model, tx, one, shapes, seed=3)
   params = jax.device_get(state.params)
-  grads, m = _grads(model, params, _batch(), one, 1)
+  grads, m = _grads(model, params, _batch(), one.mesh, 1)
   return model, params, grads, m
 
 
@@ -135,23 +128,20 @@ def test_train_step_applies_optimizer_and_reports_metrics(full_batch_reference):
   """One jitted, donated step on data=2 x expert=4 equals a hand Adam update
   of the one-device full-batch gradients."""
   model, ref_params, grads, _ = full_batch_reference
-  mesh = partitioning.make_mesh({"data": 2, "expert": 4})
-  rules = partitioning.standard_logical_rules()
+  partitioner = partitioning.Partitioner.create({"data": 2, "expert": 4})
   lr = 1e-3
   schedule = optimizers.make_schedule("constant", lr, warmup_steps=0)
   tx = optimizers.make_optimizer("adamw", schedule, weight_decay=0.0, eps=1e-8)
   shapes = train_state.dummy_batch(16, {"inputs": 8, "targets": 8})
-  state, shardings = train_state.init_train_state(model, tx, mesh, rules, shapes, seed=3)
+  state, layout = train_state.init_train_state(model, tx, partitioner, shapes, seed=3)
   before = jax.device_get(state.params)
   for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(ref_params)):
     np.testing.assert_array_equal(a, b)   # same init on 8 devices as on 1
   wi = state.params["encoder"]["layers"]["layers_0"]["moe"]["experts"]["wi_0"]
   assert wi.sharding.spec[0] == "expert"   # created sharded, expert dim over 'expert'
-  step = train_step.jit_train_step(
-      train_step.make_train_step(model, train_step.LossConfig(), schedule, 1, mesh),
-      shardings, train_step.batch_sharding(mesh))
-  with partitioning.with_sharding(mesh, rules):
-    new_state, m = step(state, jax.device_put(_batch(), train_step.batch_sharding(mesh)))
+  step = train_step.jitted_train_step(layout, train_step.LossConfig(), schedule)
+  with partitioner.activate():
+    new_state, m = step(state, partitioner.global_batch(_batch()))
   assert state.step.is_deleted()   # donated
   assert int(new_state.step) == 1
   assert float(m["learning_rate"]) == pytest.approx(lr)

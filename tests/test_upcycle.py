@@ -17,6 +17,7 @@ import pytest
 
 from moe_jax import models, partitioning, upcycle
 from moe_jax.checkpoints import formats, manager, tree_paths, upcycling
+from moe_jax.models import config as model_config_lib
 from moe_jax.models.config import SparseLayout, T5Config
 from moe_jax.layers.moe_config import MoeConfig
 from moe_jax.training import optimizers, train_state, train_step
@@ -49,19 +50,15 @@ def _batch(seed, b=8, length=6):
 @pytest.fixture(scope="module")
 def dense_run(tmp_path_factory):
   """A dense model trained DENSE_STEPS steps, saved as a moe_jax checkpoint."""
-  mesh = partitioning.make_mesh({"data": 8})
-  rules = partitioning.standard_logical_rules()
+  partitioner = partitioning.Partitioner.create({"data": 8})
   model = models.build_model(DENSE)
   tx = _tx()
   shapes = {k: jax.ShapeDtypeStruct(v.shape, jnp.int32) for k, v in _batch(0).items()}
-  state, shardings = train_state.init_train_state(model, tx, mesh, rules, shapes)
-  step = train_step.jit_train_step(
-      train_step.make_train_step(model, train_step.LossConfig(), None, 1, mesh),
-      shardings, train_step.batch_sharding(mesh))
-  bsh = train_step.batch_sharding(mesh)
-  with partitioning.with_sharding(mesh, rules):
+  state, layout = train_state.init_train_state(model, tx, partitioner, shapes)
+  step = train_step.jitted_train_step(layout, train_step.LossConfig())
+  with partitioner.activate():
     for i in range(DENSE_STEPS):
-      state, _ = step(state, {k: jax.device_put(v, bsh) for k, v in _batch(i).items()})
+      state, _ = step(state, partitioner.global_batch(_batch(i)))
   path = str(tmp_path_factory.mktemp("dense"))
   with manager.CheckpointManager(path, async_save=False) as mgr:
     mgr.save(DENSE_STEPS, state, {}, force=True)
@@ -70,14 +67,13 @@ def dense_run(tmp_path_factory):
 
 
 def _restore_upcycled(out_dir, sparse_config, tx=None):
-  mesh = partitioning.make_mesh({"data": 2, "expert": 4})
-  rules = partitioning.standard_logical_rules()
+  partitioner = partitioning.Partitioner.create({"data": 2, "expert": 4})
   shapes = {k: jax.ShapeDtypeStruct((8, 6), jnp.int32) for k in _batch(0)}
-  abstract, sh = train_state.state_shardings(models.build_model(sparse_config),
-                                             tx or _tx(), mesh, rules, shapes)
+  layout = train_state.StateLayout.create(models.build_model(sparse_config),
+                                          tx or _tx(), partitioner, shapes)
   mgr = manager.CheckpointManager(out_dir, async_save=False)
   try:
-    state, _ = mgr.restore(mgr.latest_step(), abstract, sh)
+    state, _ = mgr.restore(mgr.latest_step(), layout.abstract, layout.shardings)
   finally:
     mgr.close()
   return jax.tree_util.tree_map(np.asarray, jax.device_get(state)), mgr.latest_step()
@@ -133,6 +129,29 @@ def test_upcycle_verify_and_values(dense_run, tmp_path, capsys):
   assert sorted(counts.values()) == [0, DENSE_STEPS], counts
 
 
+def test_moe_jax_input_takes_shapeless_settings_from_its_run(dense_run, tmp_path, capsys):
+  """Fields shapes cannot tell come from the dense run's model_config.json;
+  a T5Config binding given explicitly still wins."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  path, _ = dense_run
+  run = str(tmp_path / "dense_run")
+  shutil.copytree(path, run)
+  written = dataclasses.replace(DENSE, layer_norm_epsilon=1e-5,
+                                relative_attention_max_distance=40)
+  model_config_lib.save_json(written, os.path.join(run, "model_config.json"))
+  common = ["--dense_checkpoint", os.path.join(run, str(DENSE_STEPS)),
+            "--gin_file", "runs/sparse_upcycle.gin", "--mesh", "data=2,expert=4"] + [
+                f"--gin.{b.replace(' ', '')}" for b in TINY_GIN]
+  assert upcycle.main(common + ["--output", str(tmp_path / "a")]) == 0
+  assert f"from {os.path.join(run, 'model_config.json')}" in capsys.readouterr().out
+  got = model_config_lib.load_json(str(tmp_path / "a" / "model_config.json"))
+  assert (got.layer_norm_epsilon, got.relative_attention_max_distance) == (1e-5, 40)
+  assert upcycle.main(common + ["--output", str(tmp_path / "b"),
+                                "--gin.T5Config.layer_norm_epsilon=1e-4"]) == 0
+  got = model_config_lib.load_json(str(tmp_path / "b" / "model_config.json"))
+  assert (got.layer_norm_epsilon, got.relative_attention_max_distance) == (1e-4, 40)
+
+
 def test_carry_broadcasts_factored_slots_to_experts(dense_run, tmp_path, capsys):
   path, dense = dense_run
   out = str(tmp_path / "moe_carry")
@@ -181,11 +200,13 @@ def test_failed_write_leaves_no_output(tmp_path, monkeypatch):
   monkeypatch.setattr(manager.CheckpointManager, "save", boom)
   state = {"step": jnp.zeros((), jnp.int32), "w": jnp.ones((4, 2))}
   with pytest.raises(RuntimeError, match="disk full"):
-    upcycle.write_atomically(out, state, 0, "", {})
+    upcycle.write_atomically(out, state, 0, DENSE, {})
   assert os.listdir(tmp_path) == []
   monkeypatch.undo()
-  upcycle.write_atomically(out, state, 5, "# gin\n", {"a": 1})
-  assert sorted(os.listdir(out)) == ["5", "upcycle.json", "upcycled_model.gin"]
+  upcycle.write_atomically(out, state, 5, DENSE, {"a": 1})
+  assert sorted(os.listdir(out)) == ["5", "model_config.json", "upcycle.json",
+                                     "upcycled_model.gin"]
+  assert model_config_lib.load_json(os.path.join(out, "model_config.json")) == DENSE
   assert os.listdir(tmp_path) == ["atomic"]
 
 
@@ -212,10 +233,9 @@ def test_exactness_rules_and_verdicts():
 
 def test_expert_copies_are_created_sharded_with_noise(dense_run):
   _, dense = dense_run
-  mesh = partitioning.make_mesh({"data": 2, "expert": 4})
-  rules = partitioning.standard_logical_rules()
+  partitioner = partitioning.Partitioner.create({"data": 2, "expert": 4})
   cfg = _sparse_config(num_experts=8)
-  params = upcycling.upcycle_params(dense.params, DENSE, cfg, mesh, rules,
+  params = upcycling.upcycle_params(dense.params, DENSE, cfg, partitioner,
                                     router_init="normal", expert_noise=0.1, seed=3)
   wi = params["encoder"]["layers"]["layers_1"]["moe"]["experts"]["wi_0"]
   assert "expert" in str(wi.sharding.spec[0])

@@ -14,6 +14,7 @@ import os
 import numpy as np
 
 from moe_jax import train, upcycle
+from moe_jax.models import config as model_config_lib
 from moe_jax.experiments import runner
 
 DENSE_STEPS = 60
@@ -34,6 +35,9 @@ def test_training_continues_from_upcycled_checkpoint(tmp_path, capsys):
                                       f"--gin.TRAIN_STEPS={DENSE_STEPS}",
                                       f"--gin.CHECKPOINT_PERIOD={DENSE_STEPS}"]) == 0
   dense = _train_ce(dense_dir)
+  # The run's model, readable without gin (a distillation teacher reads it).
+  written = model_config_lib.load_json(os.path.join(dense_dir, "model_config.json"))
+  assert written.moe is None and written.d_model == 64
   random_level, dense_level = dense[10], dense[DENSE_STEPS]
   assert random_level - dense_level > 1.5, dense  # the dense run learned something
 

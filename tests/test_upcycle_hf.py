@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from moe_jax import models, partitioning, train, upcycle  # noqa: E402
+from moe_jax import gin_utils, models, partitioning, upcycle  # noqa: E402
 from moe_jax.checkpoints import restore, upcycling  # noqa: E402
 
 VOCAB, D_MODEL = 64, 16
@@ -46,13 +46,12 @@ def test_hf_upcycle_verify_and_transformers_logits(hf_dir, tmp_path, capsys):
   info = json.load(open(os.path.join(out, "upcycle.json")))
   assert info["format"] == "hf" and info["step"] == 0 and info["verify"]["passed"]
 
-  train.parse_gin(["runs/sparse_upcycle.gin", os.path.join(out, "upcycled_model.gin")],
-                  [], finalize=False)
-  cfg = train.register_configurables()["T5Config"]()
+  gin_utils.parse_gin(["runs/sparse_upcycle.gin", os.path.join(out, "upcycled_model.gin")],
+                      [], finalize=False)
+  cfg = gin_utils.register_configurables()["T5Config"]()
   assert cfg.relative_attention_max_distance == 20 and cfg.moe.num_experts == 4
-  mesh = partitioning.make_mesh({"data": 2, "expert": 4})
-  rules = partitioning.standard_logical_rules()
-  abstract, sh = upcycling.abstract_params(cfg, mesh, rules)
+  partitioner = partitioning.Partitioner.create({"data": 2, "expert": 4})
+  abstract, sh = upcycling.abstract_params(cfg, partitioner)
   params = restore.restore_params(out, abstract, sh)
 
   rng = np.random.RandomState(0)
@@ -62,7 +61,7 @@ def test_hf_upcycle_verify_and_transformers_logits(hf_dir, tmp_path, capsys):
   tgt = rng.randint(2, VOCAB, (8, 10)).astype(np.int32)
   dec = np.concatenate([np.zeros((8, 1), np.int32), tgt[:, :-1]], axis=1)
   model = models.build_model(cfg)
-  with partitioning.with_sharding(mesh, rules):
+  with partitioner.activate():
     ours = np.asarray(jax.jit(lambda p: model.apply(
         {"params": p}, enc, dec, tgt, enable_dropout=False))(params))
   with torch.no_grad():

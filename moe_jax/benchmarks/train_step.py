@@ -41,37 +41,33 @@ def _configs(args):
   return {"dense": dense, "switch": switch}
 
 
-def prepare(name, config, args, mesh):
+def prepare(name, config, args, partitioner):
   """Builds, initializes and compiles one model's train step (first step run)."""
-  from moe_jax import models, partitioning  # pylint: disable=g-import-not-at-top
+  from moe_jax import models  # pylint: disable=g-import-not-at-top
   from moe_jax.training import optimizers, train_state, train_step  # pylint: disable=g-import-not-at-top
   model = models.build_model(config)
-  rules = partitioning.standard_logical_rules()
   tx = optimizers.make_optimizer("adafactor", optimizers.make_schedule("constant", 1e-3, 0))
   shapes = train_state.dummy_batch(args.batch, {"inputs": args.length, "targets": args.length})
-  state, shardings = train_state.init_train_state(model, tx, mesh, rules, shapes)
-  step = train_step.jit_train_step(
-      train_step.make_train_step(model, train_step.LossConfig(), None, 1, mesh),
-      shardings, train_step.batch_sharding(mesh))
+  state, layout = train_state.init_train_state(model, tx, partitioner, shapes)
+  step = train_step.jitted_train_step(layout, train_step.LossConfig())
   rng = np.random.default_rng(0)
   batch = {k: rng.integers(1, config.vocab_size, v.shape).astype(np.int32)
            for k, v in shapes.items()}
   batch["decoder_loss_weights"] = np.ones_like(batch["decoder_loss_weights"])
-  with partitioning.with_sharding(mesh, rules):
-    batch = jax.device_put(batch, train_step.batch_sharding(mesh))
+  with partitioner.activate():
+    batch = partitioner.global_batch(batch)
     t0 = time.perf_counter()
     state, m = step(state, batch)
     jax.block_until_ready(m["loss"])
   run = {"name": name, "config": config, "step": step, "state": state,
-         "batch": batch, "mesh": mesh, "rules": rules, "times": [],
+         "batch": batch, "partitioner": partitioner, "layout": layout, "times": [],
          "compile_s": time.perf_counter() - t0, "metrics": m}
   return run
 
 
 def time_step(run):
   """One timed step; the state is carried (donated) from step to step."""
-  from moe_jax import partitioning  # pylint: disable=g-import-not-at-top
-  with partitioning.with_sharding(run["mesh"], run["rules"]):
+  with run["partitioner"].activate():
     t0 = time.perf_counter()
     run["state"], run["metrics"] = run["step"](run["state"], run["batch"])
     jax.block_until_ready(run["metrics"]["loss"])
@@ -79,17 +75,16 @@ def time_step(run):
 
 
 def summarize(run, args, peak):
-  from moe_jax.training import metrics  # pylint: disable=g-import-not-at-top
-  moe = run["config"].moe
+  from moe_jax.training import metrics, param_counts  # pylint: disable=g-import-not-at-top
   params = run["state"].params
-  active = metrics.active_params(params, moe.num_experts if moe else 1, 1)
+  active = param_counts.active(params, run["layout"].param_axes, run["config"])
   times = run["times"]
   step_s = statistics.median(times)
   tokens = args.batch * args.length   # decoder target tokens per step
   flops = metrics.train_flops_per_token(active) * tokens
   return {
       "model": run["name"],
-      "params": metrics.count_params(params),
+      "params": param_counts.total(params),
       "active_params": active,
       "step_time_ms": 1000 * step_s,
       "step_time_ms_min": 1000 * min(times),
@@ -119,11 +114,12 @@ def main(argv=None):
 
   from moe_jax import partitioning  # pylint: disable=g-import-not-at-top
   from moe_jax.training import metrics  # pylint: disable=g-import-not-at-top
-  mesh = partitioning.make_mesh({"data": -1})
-  if args.batch % mesh.size:
-    p.error(f"--batch={args.batch} must be a multiple of the {mesh.size} devices.")
+  partitioner = partitioning.Partitioner.create({"data": -1})
+  if args.batch % partitioner.mesh.size:
+    p.error(f"--batch={args.batch} must be a multiple of the "
+            f"{partitioner.mesh.size} devices.")
   peak = metrics.measure_matmul_peak(args.peak_matmul_size, jnp.dtype(args.dtype))
-  runs = {name: prepare(name, cfg, args, mesh) for name, cfg in _configs(args).items()}
+  runs = {name: prepare(name, cfg, args, partitioner) for name, cfg in _configs(args).items()}
   for _ in range(args.steps):  # interleaved, so machine noise hits both alike
     for run in runs.values():
       time_step(run)

@@ -1,15 +1,13 @@
 """Checkpoint readers and importers.
 
-``load_dense_t5(path, format="hf")`` -> ``(params, T5Config)`` where ``params`` is
-the ``"params"`` collection of ``moe_jax.models.build_model(config)``.
+``load_dense_t5(path, format="auto")`` -> ``(params, T5Config)`` where ``params``
+is the ``"params"`` collection of ``moe_jax.models.build_model(config)``.
 """
 
 from __future__ import annotations
 
-FORMATS = ("auto", "hf", "t5x", "moe_jax")
 
-
-def load_dense_t5(path: str, format: str = "hf", **config_overrides):  # pylint: disable=redefined-builtin
+def load_dense_t5(path: str, format: str = "auto", **config_overrides):  # pylint: disable=redefined-builtin
   """Reads a dense T5 v1.1 checkpoint into this project's params and config.
 
   Args:
@@ -21,14 +19,14 @@ def load_dense_t5(path: str, format: str = "hf", **config_overrides):  # pylint:
 
   Returns:
     ``(params, config)``: a nested dict of numpy float32 arrays and a ``T5Config``.
+
+  Raises:
+    moe_jax.checkpoints.formats.DenseFormatError: an unknown format, or a
+      checkpoint that is not a dense T5 v1.1 (a ``ValueError``).
   """
-  if format == "hf":
-    from moe_jax.checkpoints.hf import load_hf_t5  # pylint: disable=g-import-not-at-top
-    return load_hf_t5(path, **config_overrides)
-  if format in ("t5x", "moe_jax", "auto"):
-    from moe_jax.checkpoints.formats import load_dense_t5_any  # pylint: disable=g-import-not-at-top
-    return load_dense_t5_any(path, format, **config_overrides)
-  raise ValueError(f"Unknown checkpoint format {format!r}; use one of {FORMATS}.")
+  from moe_jax.checkpoints import formats  # pylint: disable=g-import-not-at-top
+  ckpt = formats.read_dense_checkpoint(path, format, **config_overrides)
+  return ckpt.params, ckpt.config
 
 
 def __getattr__(name):

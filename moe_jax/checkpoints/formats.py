@@ -7,11 +7,14 @@
 * ``"moe_jax"``: an Orbax train state of this project (a model directory with
   numbered step directories, a step directory, or its ``state/`` item).
 
-``read_dense_checkpoint(path, format)`` returns a :class:`DenseCheckpoint`
-(params in this project's unrolled naming, ``T5Config``, the step, and for
-``moe_jax`` the location of the full train state so its optimizer state can be
-carried). ``load_dense_t5`` in ``moe_jax.checkpoints`` is the thin public
-``(params, config)`` view of it.
+``read_dense_checkpoint(path, format)`` -- the one format dispatcher --
+returns a :class:`DenseCheckpoint` (params in this project's unrolled naming,
+``T5Config``, the step, and for ``moe_jax`` the location of the full train
+state so its optimizer state can be carried). The readers of the formats
+return params; the config comes from Hugging Face's ``config.json``, or, for
+T5X and moe_jax checkpoints (which carry none), from the parameter shapes
+(:func:`config_from_params`). ``load_dense_t5`` in ``moe_jax.checkpoints`` is
+the thin public ``(params, config)`` view.
 """
 
 from __future__ import annotations
@@ -156,7 +159,8 @@ def _unscan_stack(stack: dict) -> dict:
 
 
 def _moe_jax_stored_params(path: str) -> tuple[str, dict[str, Any]]:
-  from moe_jax.checkpoints import restore, tree_paths  # pylint: disable=g-import-not-at-top
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  from moe_jax.checkpoints import restore  # pylint: disable=g-import-not-at-top
   item_dir = restore.resolve_state_dir(path)
   stored = restore.stored_metadata(item_dir)
   params = {k[len("params/"):]: v for k, v in stored.items() if k.startswith("params/")}
@@ -164,7 +168,7 @@ def _moe_jax_stored_params(path: str) -> tuple[str, dict[str, Any]]:
     raise DenseFormatError(
         f"The Orbax checkpoint at {item_dir} has no 'params' subtree; it is not a "
         "moe_jax train state.")
-  return item_dir, tree_paths.unflatten_paths(params)
+  return item_dir, traverse_util.unflatten_dict(params, sep="/")
 
 
 def load_moe_jax_params(path: str) -> tuple[dict, str, int]:
@@ -224,15 +228,9 @@ def read_dense_checkpoint(path: str, format: str = "auto",  # pylint: disable=re
     return DenseCheckpoint(params, config, "hf")
   if fmt == "t5x":
     from moe_jax.checkpoints import t5x_format  # pylint: disable=g-import-not-at-top
-    params, config = t5x_format.load_t5x_t5(path, **config_overrides)
-    return DenseCheckpoint(params, config, "t5x", step=t5x_format.read_t5x_step(path))
+    params = t5x_format.load_t5x_params(path)
+    return DenseCheckpoint(params, config_from_params(params, **config_overrides),
+                           "t5x", step=t5x_format.read_t5x_step(path))
   params, state_dir, step = load_moe_jax_params(path)
   config = config_from_params(params, **config_overrides)
   return DenseCheckpoint(params, config, "moe_jax", step=step, state_dir=state_dir)
-
-
-def load_dense_t5_any(path: str, format: str = "auto",  # pylint: disable=redefined-builtin
-                      **config_overrides):
-  """``(params, config)``: what ``moe_jax.checkpoints.load_dense_t5`` returns."""
-  ckpt = read_dense_checkpoint(path, format, **config_overrides)
-  return ckpt.params, ckpt.config

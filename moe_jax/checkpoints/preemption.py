@@ -1,5 +1,15 @@
 """Save-and-exit on preemption (SIGTERM from Cloud TPU maintenance or SLURM).
 
+Two signals, one per setting:
+
+* multi-host (``jax.distributed`` initialized): the JAX distributed runtime's
+  preemption service catches SIGTERM (on any process) and agrees on a step;
+  the loop reads it with ``CheckpointManager.reached_preemption(step)``
+  (Orbax's view of it). :func:`jax_preemption_service_active` says whether it
+  runs; then no Python handler is installed (it would take SIGTERM away).
+* a single process (a laptop, a one-task SLURM job): :class:`PreemptionHandler`
+  below.
+
 The signal handler only sets a flag; the train loop polls it between steps,
 where the state is consistent, saves a checkpoint at the current step and
 returns (the process then exits 0)::
@@ -18,10 +28,12 @@ is killed anyway (SIGKILL after the grace period), Orbax's commit protocol
 (write to a tmp directory, rename when complete) keeps the previous
 checkpoint the latest valid one.
 
-With several processes the signal may reach only some of them; every process
-must still save the same step together. :meth:`PreemptionHandler.should_stop`
-therefore takes a cross-process OR of the flag (a tiny all-gather) every
-``sync_every_steps`` steps; all processes must call it at the same steps.
+Should the handler run with several processes (the JAX service turned off
+with ``jax_enable_preemption_service=False``), the signal may reach only some
+of them while every process must save the same step:
+:meth:`PreemptionHandler.should_stop` then takes a cross-process OR of the
+flag (a tiny all-gather) every ``sync_every_steps`` steps; all processes must
+call it at the same steps.
 """
 
 from __future__ import annotations
@@ -33,6 +45,17 @@ from typing import Iterable, Optional
 
 import jax
 import numpy as np
+
+
+def jax_preemption_service_active() -> bool:
+  """Whether the JAX distributed runtime's preemption sync manager is running.
+
+  It is started by ``jax.distributed.initialize`` (unless
+  ``jax_enable_preemption_service`` is off) and owns SIGTERM from then on.
+  jax 0.10 has no public query for it, hence the private module.
+  """
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  return distributed.global_state.preemption_sync_manager is not None
 
 
 class PreemptionHandler:

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import traverse_util
 
 from moe_jax.checkpoints import tree_paths
 
@@ -150,8 +151,7 @@ def map_name(name: str, name_map: Optional[NameMap]) -> Optional[str]:
 def stored_metadata(item_dir: str) -> dict[str, Any]:
   """``{path: ArrayMetadata}`` of an Orbax pytree item directory."""
   meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(item_dir))
-  tree = getattr(meta, "tree", meta)
-  return tree_paths.flatten_with_paths(tree)
+  return tree_paths.flatten_with_paths(meta.tree)
 
 
 def _committed_steps(root: epath.Path) -> list[int]:
@@ -279,8 +279,8 @@ def restore_params(path: str, abstract_params: Any, shardings: Any = None, *,
         global_shape=_shape(wanted[name]))
   loaded = ocp.PyTreeCheckpointer().restore(
       item_dir, args=ocp.args.PyTreeRestore(
-          item=tree_paths.unflatten_paths(item),
-          restore_args=tree_paths.unflatten_paths(restore_args),
+          item=traverse_util.unflatten_dict(item, sep=tree_paths.SEP),
+          restore_args=traverse_util.unflatten_dict(restore_args, sep=tree_paths.SEP),
           partial_restore=True))
   loaded = tree_paths.flatten_with_paths(loaded)
   if params_key:

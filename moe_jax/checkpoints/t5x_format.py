@@ -224,13 +224,10 @@ def t5x_to_params(target: Mapping[str, np.ndarray]) -> dict:
   return params
 
 
-def load_t5x_t5(path: str, **config_overrides):
-  """``(params, T5Config)`` from a T5X checkpoint directory.
+def load_t5x_params(path: str) -> dict:
+  """Our unrolled params tree (numpy float32) from a T5X checkpoint directory.
 
-  The config comes from the parameter shapes (T5X checkpoints carry no
-  config); fields that shapes cannot tell (activations, dropout, epsilon,
-  max distance) take ``T5Config`` defaults unless overridden.
+  T5X checkpoints carry no model config: :func:`moe_jax.checkpoints.formats.
+  read_dense_checkpoint` derives it from these shapes.
   """
-  from moe_jax.checkpoints import formats  # pylint: disable=g-import-not-at-top
-  params = t5x_to_params(read_t5x_arrays(path))
-  return params, formats.config_from_params(params, **config_overrides)
+  return t5x_to_params(read_t5x_arrays(path))

@@ -21,27 +21,13 @@ import jax.numpy as jnp
 SEP = "/"
 
 
-def _key_name(key: Any) -> str:
-  """One path component from a ``jax.tree_util`` key entry."""
-  if isinstance(key, jax.tree_util.DictKey):
-    return str(key.key)
-  if isinstance(key, jax.tree_util.GetAttrKey):
-    return key.name
-  if isinstance(key, jax.tree_util.SequenceKey):
-    return str(key.idx)
-  if isinstance(key, jax.tree_util.FlattenedIndexKey):
-    return str(key.key)
-  return str(key)
-
-
-def path_to_str(key_path: tuple) -> str:
-  """``(DictKey('params'), DictKey('w'))`` -> ``"params/w"``."""
-  return SEP.join(_key_name(k) for k in key_path)
-
-
 def flatten_with_paths(tree: Any, is_leaf: Callable[[Any], bool] | None = None
                        ) -> dict[str, Any]:
   """``{path: leaf}`` for every leaf of ``tree`` (``None`` nodes are empty).
+
+  Paths are ``jax.tree_util.keystr(..., simple=True, separator="/")``: dict
+  keys, attribute names and sequence indices joined by ``/``. (Plain dict
+  trees can use ``flax.traverse_util.flatten_dict(tree, sep="/")``.)
 
   Raises:
     ValueError: two leaves map to the same path (e.g. the key ``"a/b"`` beside
@@ -50,27 +36,13 @@ def flatten_with_paths(tree: Any, is_leaf: Callable[[Any], bool] | None = None
   out: dict[str, Any] = {}
   for key_path, leaf in jax.tree_util.tree_flatten_with_path(
       tree, is_leaf=is_leaf)[0]:
-    name = path_to_str(key_path)
+    name = jax.tree_util.keystr(key_path, simple=True, separator=SEP)
     if name in out:
       raise ValueError(
           f"Two leaves of the tree share the path {name!r}; rename one of the "
           "keys so every leaf has a unique slash-joined path.")
     out[name] = leaf
   return out
-
-
-def unflatten_paths(flat: dict[str, Any]) -> dict[str, Any]:
-  """Nested dicts from ``{path: leaf}`` (inverse of flattening a dict tree)."""
-  root: dict[str, Any] = {}
-  for name, leaf in flat.items():
-    node = root
-    parts = name.split(SEP)
-    for part in parts[:-1]:
-      node = node.setdefault(part, {})
-      if not isinstance(node, dict):
-        raise ValueError(f"Path {name!r} runs through the leaf {part!r}.")
-    node[parts[-1]] = leaf
-  return root
 
 
 def is_prng_key(x: Any) -> bool:

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from flax import traverse_util
 
 from moe_jax import models, partitioning
 from moe_jax.checkpoints import tree_paths
@@ -129,18 +129,17 @@ def _exact_expected(moe) -> tuple[bool, str]:
 # ----------------------------------------------------------------------------
 # Abstract params / shardings
 # ----------------------------------------------------------------------------
-def _init_batch(mesh: Mesh) -> dict[str, jax.Array]:
-  b = partitioning.mesh_axis_size(mesh, partitioning.BATCH_MESH_AXES)
-  z = jnp.zeros((b, 2), jnp.int32)
+def _init_batch(partitioner: partitioning.Partitioner) -> dict[str, jax.Array]:
+  z = jnp.zeros((partitioner.num_batch_shards, 2), jnp.int32)
   return {"encoder_input_tokens": z, "decoder_input_tokens": z,
           "decoder_target_tokens": z}
 
 
-def _init_fn(config: T5Config, mesh: Mesh):
+def _init_fn(config: T5Config, partitioner: partitioning.Partitioner):
   model = models.build_model(config)
 
   def init(rng):
-    batch = _init_batch(mesh)
+    batch = _init_batch(partitioner)
     keys = jax.random.split(rng, 4)
     return model.init({"params": keys[0], "dropout": keys[1], "jitter": keys[2],
                        "routing": keys[3]}, batch["encoder_input_tokens"],
@@ -149,19 +148,22 @@ def _init_fn(config: T5Config, mesh: Mesh):
   return init
 
 
-def abstract_params(config: T5Config, mesh: Mesh, rules) -> tuple[Any, Any]:
+def abstract_params(config: T5Config, partitioner: partitioning.Partitioner
+                    ) -> tuple[Any, Any]:
   """``(abstract unboxed params, NamedSharding tree)`` of ``config``'s model."""
-  with partitioning.with_sharding(mesh, rules):
-    boxed = jax.eval_shape(_init_fn(config, mesh), jax.ShapeDtypeStruct((2,), jnp.uint32))
-  return nn.unbox(boxed), partitioning.params_shardings(mesh, boxed, rules)
+  with partitioner.activate():
+    boxed = jax.eval_shape(_init_fn(config, partitioner),
+                           jax.ShapeDtypeStruct((2,), jnp.uint32))
+  return nn.unbox(boxed), partitioner.params_shardings(boxed)
 
 
-def place_dense_params(params: Any, config: T5Config, mesh: Mesh, rules) -> Any:
+def place_dense_params(params: Any, config: T5Config,
+                       partitioner: partitioning.Partitioner) -> Any:
   """The dense params (numpy or arrays) placed with the dense model's shardings."""
   config = dataclasses.replace(config, scan_layers=False)
-  abstract, shardings = abstract_params(config, mesh, rules)
-  want = tree_paths.flatten_with_paths(abstract)
-  have = tree_paths.flatten_with_paths(params)
+  abstract, shardings = abstract_params(config, partitioner)
+  want = traverse_util.flatten_dict(abstract, sep="/")
+  have = traverse_util.flatten_dict(params, sep="/")
   problems = [f"missing {n} {tuple(a.shape)}" for n, a in want.items() if n not in have]
   problems += [f"{n}: checkpoint {tuple(np.shape(have[n]))} != model {tuple(a.shape)}"
                for n, a in want.items() if n in have and tuple(np.shape(have[n])) != tuple(a.shape)]
@@ -169,9 +171,9 @@ def place_dense_params(params: Any, config: T5Config, mesh: Mesh, rules) -> Any:
   if problems:
     raise UpcycleError("The dense checkpoint does not match a dense T5 v1.1 of its "
                        f"own dimensions: {problems[:8]}")
-  sh = tree_paths.flatten_with_paths(shardings)
+  sh = traverse_util.flatten_dict(shardings, sep="/")
   placed = {n: jax.device_put(np.asarray(have[n], a.dtype), sh[n]) for n, a in want.items()}
-  return tree_paths.unflatten_paths(placed)
+  return traverse_util.unflatten_dict(placed, sep="/")
 
 
 # ----------------------------------------------------------------------------
@@ -181,7 +183,8 @@ def _scan_stacks(unrolled: dict, config: T5Config) -> dict:
   out = dict(unrolled)
   for stack, layout, n in (("encoder", config.encoder_layout, config.num_encoder_layers),
                            ("decoder", config.decoder_layout, config.num_decoder_layers)):
-    period = layout.scan_period(n, config.moe.num_experts if config.moe else 0)
+    moe = config.stack_moe(stack)
+    period = layout.scan_period(n, moe.num_experts if moe else 0)
     st = dict(out[stack])
     st["layers"] = blocks.unrolled_to_scanned(st["layers"], n, period)
     out[stack] = st
@@ -223,14 +226,15 @@ def upcycled_param(name: str, fresh: jax.Array, dense: Mapping[str, jax.Array],
 
 
 def upcycle_params(dense_params: Any, dense_config: T5Config, sparse_config: T5Config,
-                   mesh: Mesh, rules, *, router_init: str = "normal",
+                   partitioner: partitioning.Partitioner, *,
+                   router_init: str = "normal",
                    expert_noise: float = 0.0, seed: int = 0) -> Any:
   """The sparse model's params, created sharded (see module docstring).
 
   Args:
     dense_params: unrolled dense params (numpy or ``jax.Array``).
     dense_config / sparse_config: must pass :func:`check_configs`.
-    mesh, rules: device mesh and logical-axis rules; the result has the
+    partitioner: device mesh and logical-axis rules; the result has the
       sparse model's shardings on them.
     router_init: ``"zeros"`` or ``"normal"``.
     expert_noise: std of the multiplicative expert noise (0: exact copies).
@@ -241,22 +245,22 @@ def upcycle_params(dense_params: Any, dense_config: T5Config, sparse_config: T5C
   if expert_noise < 0:
     raise UpcycleError(f"expert_noise={expert_noise} must be >= 0.")
   check_configs(dense_config, sparse_config)
-  dense = place_dense_params(dense_params, dense_config, mesh, rules)
+  dense = place_dense_params(dense_params, dense_config, partitioner)
   unrolled_cfg = dataclasses.replace(sparse_config, scan_layers=False)
-  _, out_shardings = abstract_params(sparse_config, mesh, rules)
-  init = _init_fn(unrolled_cfg, mesh)
+  _, out_shardings = abstract_params(sparse_config, partitioner)
+  init = _init_fn(unrolled_cfg, partitioner)
 
   def build(dense_tree, rng):
-    fresh = tree_paths.flatten_with_paths(nn.unbox(init(rng)))
-    dense_flat = tree_paths.flatten_with_paths(dense_tree)
+    fresh = traverse_util.flatten_dict(nn.unbox(init(rng)), sep="/")
+    dense_flat = traverse_util.flatten_dict(dense_tree, sep="/")
     noise_keys = jax.random.split(jax.random.fold_in(rng, 1), len(fresh))
     out = {name: upcycled_param(name, value, dense_flat, noise_keys[i],
                                 router_init, expert_noise)
            for i, (name, value) in enumerate(sorted(fresh.items()))}
-    tree = tree_paths.unflatten_paths(out)
+    tree = traverse_util.unflatten_dict(out, sep="/")
     return _scan_stacks(tree, sparse_config) if sparse_config.scan_layers else tree
 
-  with partitioning.with_sharding(mesh, rules):
+  with partitioner.activate():
     return jax.jit(build, out_shardings=out_shardings)(dense, jax.random.PRNGKey(seed))
 
 
@@ -279,7 +283,8 @@ def _continue_schedules(opt_state: Any, step: jax.Array) -> Any:
 
 
 def upcycle_opt_state(tx: optax.GradientTransformation, sparse_params: Any,
-                      param_shardings: Any, mesh: Mesh, *, mode: str = "reset",
+                      param_shardings: Any, partitioner: partitioning.Partitioner,
+                      *, mode: str = "reset",
                       step: int = 0, dense_opt_state: Any = None) -> Any:
   """The sparse model's optimizer state, sharded like the train state.
 
@@ -299,7 +304,8 @@ def upcycle_opt_state(tx: optax.GradientTransformation, sparse_params: Any,
     raise UpcycleError(f"optimizer_state={mode!r}; use one of {OPTIMIZER_STATE_MODES}.")
   from moe_jax.training import optimizers  # pylint: disable=g-import-not-at-top
   abstract = jax.eval_shape(tx.init, sparse_params)
-  shardings = optimizers.opt_state_shardings(abstract, sparse_params, param_shardings, mesh)
+  shardings = optimizers.opt_state_shardings(abstract, sparse_params, param_shardings,
+                                             partitioner.mesh)
   if mode == "reset":
     fn = lambda p: _continue_schedules(tx.init(p), jnp.asarray(step, jnp.int32))  # noqa: E731
     return jax.jit(fn, out_shardings=shardings)(sparse_params)
@@ -396,38 +402,39 @@ def generated_batch(vocab_size: int, batch: int, length: int, seed: int = 0
 
 
 def model_logits(config: T5Config, params: Any, batch: Mapping[str, np.ndarray],
-                 mesh: Mesh, rules) -> np.ndarray:
+                 partitioner: partitioning.Partitioner) -> np.ndarray:
   """Deterministic logits ``<float32>[batch, length, vocab]`` of ``config``'s model."""
   model = models.build_model(config)
 
   def apply(p, enc, dec_in, dec_t):
     return model.apply({"params": p}, enc, dec_in, dec_t, enable_dropout=False)
 
-  bsh = NamedSharding(mesh, P(partitioning.BATCH_MESH_AXES))
-  with partitioning.with_sharding(mesh, rules):
+  bsh = partitioner.batch_sharding
+  with partitioner.activate():
     args = [jax.device_put(np.asarray(batch[k]), bsh) for k in
             ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens")]
     return np.asarray(jax.jit(apply)(params, *args), np.float32)
 
 
 def verify(dense_params: Any, dense_config: T5Config, sparse_params: Any,
-           sparse_config: T5Config, mesh: Mesh, rules, *, batch_size: Optional[int] = None,
+           sparse_config: T5Config, partitioner: partitioning.Partitioner, *,
+           batch_size: Optional[int] = None,
            length: int = 16, seed: int = 0, rtol: float = 1e-4) -> VerifyResult:
   """Runs both models on generated inputs and compares their logits."""
-  shards = partitioning.mesh_axis_size(mesh, partitioning.BATCH_MESH_AXES)
+  shards = partitioner.num_batch_shards
   batch_size = batch_size or shards * max(1, 4 // shards)
   batch = generated_batch(dense_config.vocab_size, batch_size, length, seed)
   dense_cfg = dataclasses.replace(dense_config, dropout_rate=0.0, scan_layers=False)
-  dense = place_dense_params(dense_params, dense_cfg, mesh, rules)
-  ref = model_logits(dense_cfg, dense, batch, mesh, rules)
+  dense = place_dense_params(dense_params, dense_cfg, partitioner)
+  ref = model_logits(dense_cfg, dense, batch, partitioner)
   ample_cfg = _ample_capacity(sparse_config)
-  ample = model_logits(ample_cfg, sparse_params, batch, mesh, rules)
+  ample = model_logits(ample_cfg, sparse_params, batch, partitioner)
   ample_factor = ample_cfg.moe_configs()[0].capacity_factor_eval
   if all(m.capacity_factor_eval >= ample_factor for m in sparse_config.moe_configs()):
     configured = ample  # the configured capacity is already ample
   else:
     configured = model_logits(dataclasses.replace(sparse_config, dropout_rate=0.0),
-                              sparse_params, batch, mesh, rules)
+                              sparse_params, batch, partitioner)
   scale = float(np.max(np.abs(ref)))
   exact, reason = exact_expected(sparse_config)
   return VerifyResult(

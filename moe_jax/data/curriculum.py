@@ -23,12 +23,14 @@ holds ``b``. Each phase reads its own seqio stream, seeded ``seed + phase
 index`` (so two phases with the same members do not replay the same batches),
 from the start of that stream at the phase's first step.
 
-Resumption is exact: the JSON state holds the phases, the data settings and
-``batches_consumed``; :meth:`CurriculumIterator.set_state` rebuilds the
-current phase's :class:`~moe_jax.data.pipeline.DataIterator` and moves it to
-``batches_consumed - start_step`` batches into the phase (the same skip the
-plain iterator uses), whether the checkpoint was written mid-phase or on a
-boundary.
+Resumption is exact and does not replay: :meth:`CurriculumIterator.save`
+writes ``state.json`` (the phases, the data settings and
+``batches_consumed``) and, mid-phase, the current phase's
+:class:`~moe_jax.data.iterator.DataIterator` position (its tf.data iterator
+checkpoint) under ``phase/``; on a phase boundary the next phase starts its
+stream fresh, so there is nothing more to save.
+:meth:`CurriculumIterator.restore` checks the phases and settings and
+restores that position.
 """
 
 from __future__ import annotations
@@ -37,14 +39,18 @@ import bisect
 import hashlib
 import json
 import logging
+import os
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import seqio
 
+from moe_jax.data import iterator as iterator_lib
 from moe_jax.data import pipeline
 
-STATE_FORMAT = "moe_jax.data.curriculum/1"
+STATE_FORMAT = "moe_jax.data.curriculum/2"
+LEGACY_STATE_FORMAT = "moe_jax.data.curriculum/1"   # JSON position only (replayed)
+PHASE_DIR = "phase"
 MIXTURE_PREFIX = "curriculum_"
 logger = logging.getLogger(__name__)
 
@@ -215,13 +221,13 @@ class CurriculumIterator:
   """Per-host numpy batches whose source changes at the phase boundaries.
 
   Yields the same ``dict[str, np.ndarray]`` of ``<int32>[per_host_batch,
-  length]`` as :class:`~moe_jax.data.pipeline.DataIterator`; the data
+  length]`` as :class:`~moe_jax.data.iterator.DataIterator`; the data
   settings (lengths, batch, shard, packing, ...) are shared by all phases.
 
   Args:
     phases: ``[(start_step, members), ...]`` (see :func:`parse_phases`) or
       parsed :class:`Phase` objects.
-    config: the :class:`~moe_jax.data.pipeline.DataIterator` config without
+    config: the :class:`~moe_jax.data.iterator.DataIterator` config without
       ``mixture_or_task_name`` (that is chosen per phase).
   """
 
@@ -236,7 +242,7 @@ class CurriculumIterator:
                     if k != "mixture_or_task_name"}
     self._batches_consumed = 0
     self._phase: Optional[int] = None  # index of the phase of self._iterator
-    self._iterator: Optional[pipeline.DataIterator] = None
+    self._iterator: Optional[iterator_lib.DataIterator] = None
 
   @property
   def phases(self) -> list[Phase]:
@@ -251,19 +257,13 @@ class CurriculumIterator:
     """Index of the phase the next batch comes from."""
     return phase_index(self._phases, self._batches_consumed)
 
-  def _phase_iterator(self, index: int) -> pipeline.DataIterator:
-    """The phase's DataIterator, moved to this iterator's position."""
+  def _phase_iterator(self, index: int) -> iterator_lib.DataIterator:
+    """A fresh DataIterator over phase ``index``'s stream (seed + index)."""
     phase = self._phases[index]
     seed = self._config.get("seed")
-    config = dict(self._config, mixture_or_task_name=phase.source,
-                  seed=None if seed is None else int(seed) + index)
-    it = pipeline.DataIterator(config)
-    offset = self._batches_consumed - phase.start_step
-    if offset:
-      state = it.get_state()
-      state["batches_consumed"] = offset
-      it.set_state(state)
-    return it
+    return iterator_lib.DataIterator(dict(
+        self._config, mixture_or_task_name=phase.source,
+        seed=None if seed is None else int(seed) + index))
 
   def __iter__(self) -> "CurriculumIterator":
     return self
@@ -279,38 +279,77 @@ class CurriculumIterator:
     self._batches_consumed += 1
     return batch
 
-  def get_state(self) -> dict:
-    """A small JSON-able dict: phases, data settings and batches consumed."""
-    state = {"format": STATE_FORMAT,
-             "batches_consumed": self._batches_consumed,
-             "phases": [p.to_json() for p in self._phases]}
-    state.update(self._config)
-    return json.loads(json.dumps(state))
+  # -- position ---------------------------------------------------------------
 
-  def set_state(self, state: Mapping[str, Any]) -> None:
-    """Moves to the position recorded by :meth:`get_state`.
+  def get_state(self) -> dict:
+    """The position's JSON: phases, data settings and batches consumed."""
+    return iterator_lib.plain_json({
+        "format": STATE_FORMAT, "batches_consumed": self._batches_consumed,
+        "phases": [p.to_json() for p in self._phases], **self._config})
+
+  def save(self, directory: str) -> None:
+    """Writes this host's position into ``directory`` (module docstring)."""
+    os.makedirs(directory, exist_ok=True)
+    state = self.get_state()
+    mid_phase = self._iterator is not None and self._phase == self.current_phase
+    state["phase_iterator"] = mid_phase
+    if mid_phase:
+      self._iterator.save(os.path.join(directory, PHASE_DIR))
+    iterator_lib.write_state(directory, state)
+
+  def _check(self, state: Mapping[str, Any], ignore=()) -> None:
+    iterator_lib.check_settings(
+        state, {k: v for k, v in self.get_state().items()
+                if k not in ("format", "batches_consumed")},
+        "Curriculum state", ignore=ignore)
+
+  def restore(self, directory: str) -> None:
+    """Moves to the position :meth:`save` wrote into ``directory``.
 
     Raises:
-      ValueError: the state is not a curriculum state, or it came from other
-        phases or other data settings.
+      moe_jax.data.iterator.DataStateError: no curriculum state there.
+      moe_jax.data.iterator.DataSettingsError: one of other phases or other
+        data settings (the message names them).
     """
+    state = iterator_lib.read_state(directory)
     if state.get("format") != STATE_FORMAT:
-      hint = (" It is a plain (non-curriculum) data iterator state: the "
-              "checkpoint was written without a curriculum."
-              if state.get("format") == pipeline.STATE_FORMAT else "")
-      raise ValueError(
-          f"Not a curriculum iterator state (format={state.get('format')!r}, "
-          f"expected {STATE_FORMAT!r}).{hint} Resume with the data settings the "
-          "checkpoint was written with, or start the data from scratch.")
-    mine = json.loads(json.dumps(self.get_state()))
-    for key, value in mine.items():
-      if key in ("shard_index", "batches_consumed"):
-        continue  # every host consumes in lock-step; only the shard differs
-      if state.get(key) != value:
-        raise ValueError(
-            f"Curriculum state has {key}={state.get(key)!r} but this pipeline "
-            f"has {key}={value!r}. Resume with the same curriculum and data "
-            "settings, or start the data from scratch (do not restore the "
-            "iterator state).")
+      raise iterator_lib.DataSettingsError(self._format_message(state))
+    self._check(state)
     self._batches_consumed = int(state["batches_consumed"])
-    self._iterator, self._phase = None, None  # rebuilt lazily at the position
+    self._iterator, self._phase = None, None
+    if state.get("phase_iterator"):
+      index = self.current_phase
+      it = self._phase_iterator(index)
+      it.restore(os.path.join(directory, PHASE_DIR))
+      self._iterator, self._phase = it, index
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    """Moves to a JSON-only position of the legacy format by replaying it.
+
+    Raises:
+      moe_jax.data.iterator.DataSettingsError: not a legacy curriculum state,
+        or one of other phases or other data settings.
+    """
+    if state.get("format") != LEGACY_STATE_FORMAT:
+      raise iterator_lib.DataSettingsError(self._format_message(state))
+    self._check(state, ignore=("shard_index",))
+    self._batches_consumed = int(state["batches_consumed"])
+    index = self.current_phase
+    offset = self._batches_consumed - self._phases[index].start_step
+    self._iterator, self._phase = None, None
+    if offset:
+      it = self._phase_iterator(index)
+      phase_state = dict(it.get_state(), format=iterator_lib.LEGACY_STATE_FORMAT,
+                         batches_consumed=offset)
+      it.set_state(phase_state)
+      self._iterator, self._phase = it, index
+
+  @staticmethod
+  def _format_message(state: Mapping[str, Any]) -> str:
+    plain = state.get("format") in (iterator_lib.STATE_FORMAT,
+                                    iterator_lib.LEGACY_STATE_FORMAT)
+    hint = (" It is a plain (non-curriculum) data iterator state: the checkpoint "
+            "was written without a curriculum." if plain else "")
+    return (f"Not a curriculum iterator state (format={state.get('format')!r}, "
+            f"expected {STATE_FORMAT!r}).{hint} Resume with the data settings the "
+            "checkpoint was written with, or start the data from scratch.")

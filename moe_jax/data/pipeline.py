@@ -1,17 +1,18 @@
-"""seqio Tasks/Mixtures -> per-host numpy batches -> global sharded jax.Arrays.
+"""seqio Tasks/Mixtures -> per-host tf.data pipelines and numpy batches.
 
-Entry points for the training and eval binaries::
+:func:`build_dataset` is the training pipeline of one host's shard; the
+iterator over it, with its checkpointed position, is
+:class:`moe_jax.data.iterator.DataIterator`, made by
+:func:`moe_jax.data.train_iterator.get_train_iterator`::
 
-  from moe_jax.data import pipeline
-  it = pipeline.get_train_iterator(
-      "synthetic_translate_mix", {"inputs": 32, "targets": 32},
-      batch_size=64, seed=0)                  # global batch; this host's shard
   batch = next(it)                            # dict of <int32>[64 / hosts, length]
-  batch = pipeline.to_global_batch(batch, mesh)   # dict of jax.Array, batch-sharded
-  state = it.get_state()                      # small JSON-able dict
+  batch = partitioner.global_batch(batch)     # dict of jax.Array, batch-sharded
+  it.save(directory)                          # this host's position
   ...
-  it = pipeline.get_train_iterator(...same args...); it.set_state(state)
+  it = get_train_iterator(...same args...); it.restore(directory)
   # -> continues with exactly the batches the first iterator would have given
+
+Eval data::
 
   evals = pipeline.get_eval_datasets("synthetic_translate_mix",
                                      {"inputs": 32, "targets": 32}, batch_size=64)
@@ -28,14 +29,14 @@ Both entry points are gin-configurable (``moe_jax.data.get_train_iterator.*``,
 * Sharding: each host reads only its shard, ``seqio.ShardInfo(index, count)``
   from ``jax.process_index()`` / ``jax.process_count()`` unless given.
   ``batch_size`` is the *global* batch; each host yields ``batch_size /
-  num_shards`` rows, and :func:`to_global_batch` assembles the global
-  ``jax.Array`` sharded along logical ``('batch', 'length')`` with
+  num_shards`` rows, and :meth:`moe_jax.partitioning.Partitioner.global_batch`
+  assembles the global ``jax.Array`` sharded over the batch axes with
   ``jax.make_array_from_process_local_data``.
 * Determinism and resumption: the order is a pure function of ``seed`` (and of
-  the shard). The iterator position is ``{..., "batches_consumed": n}``;
-  :meth:`DataIterator.set_state` rebuilds the same pipeline and skips ``n``
-  batches, so the checkpoint holds plain JSON and no pickles. (Skipping costs
-  re-reading ``n`` batches at restore time -- cheap next to a training step.)
+  the shard); ``tf.data.Options.deterministic`` is set, so a restored
+  tf.data iterator continues bitwise identically (see
+  :mod:`moe_jax.data.iterator`). seqio's in-memory cache of small sources is
+  off: its contents would enter every checkpointed position.
 * Bad data: over-long sequences are truncated by the tasks (EOS kept);
   :func:`data_report` counts them. Empty lines / invalid UTF-8 are counted
   by the file readers (:mod:`moe_jax.data.text_files`).
@@ -45,21 +46,17 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 import gin
 import jax
 import numpy as np
 import seqio
 import tensorflow as tf
-from jax.sharding import Mesh, NamedSharding
 
-from moe_jax import partitioning
 from moe_jax.data import route_ids as route_ids_lib
 
 MODEL_TYPES = ("encdec", "decoder")
-STATE_FORMAT = "moe_jax.data.iterator/1"
 DEFAULT_TASK_MODULES = ("tasks",)
 
 
@@ -106,7 +103,7 @@ def default_shard() -> tuple[int, int]:
   return jax.process_index(), jax.process_count()
 
 
-def _per_host_batch(batch_size: int, num_shards: int) -> int:
+def per_host_batch(batch_size: int, num_shards: int) -> int:
   if batch_size % num_shards:
     raise ValueError(
         f"Global batch_size={batch_size} is not divisible by the {num_shards} "
@@ -146,147 +143,18 @@ def build_dataset(mixture_or_task_name: str,
         model_type=model_type, pack=pack, split=split, shuffle=shuffle,
         num_epochs=num_epochs, shard_info=shard_info, seed=seed)
   else:
-    converter = make_feature_converter(model_type, pack)
-    ds = seqio.get_dataset(
-        mixture_or_task_name, task_feature_lengths=dict(task_feature_lengths),
-        feature_converter=converter, dataset_split=split, shuffle=shuffle,
-        num_epochs=num_epochs, shard_info=shard_info, seed=seed, verbose=False)
+    # seqio.get_dataset, without seqio's in-memory cache of small sources: its
+    # contents would enter every checkpointed iterator state.
+    provider = seqio.get_mixture_or_task(mixture_or_task_name)
+    ds = provider.get_dataset(
+        dict(task_feature_lengths), split=split, shuffle=shuffle, seed=seed,
+        shard_info=shard_info, num_epochs=num_epochs, try_in_mem_cache=False)
+    ds = make_feature_converter(model_type, pack)(ds, dict(task_feature_lengths))
   if per_host_batch_size is not None:
     ds = ds.batch(per_host_batch_size, drop_remainder=drop_remainder)
   options = tf.data.Options()
   options.deterministic = True
   return ds.with_options(options)
-
-
-# --------------------------------------------------------------------------
-# Train iterator with a saveable position
-# --------------------------------------------------------------------------
-
-class DataIterator:
-  """Iterator of per-host numpy batches whose position is a JSON-able dict.
-
-  Yields ``dict[str, np.ndarray]`` of ``<int32>[per_host_batch, length]``.
-  """
-
-  def __init__(self, config: Mapping[str, Any]):
-    self._config = dict(config)
-    self._batches_consumed = 0
-    self._iterator: Optional[Iterator] = None
-
-  @property
-  def config(self) -> dict:
-    return dict(self._config)
-
-  @property
-  def batches_consumed(self) -> int:
-    return self._batches_consumed
-
-  def _make_iterator(self) -> Iterator:
-    c = self._config
-    ds = build_dataset(
-        c["mixture_or_task_name"], c["task_feature_lengths"],
-        c["per_host_batch_size"], c["seed"], c["shard_index"], c["num_shards"],
-        pack=c["pack"], model_type=c["model_type"], split=c["split"],
-        shuffle=c["shuffle"], num_epochs=c["num_epochs"])
-    if self._batches_consumed:
-      ds = ds.skip(self._batches_consumed)
-    ds = ds.prefetch(tf.data.AUTOTUNE)
-    return ds.as_numpy_iterator()
-
-  def __iter__(self) -> "DataIterator":
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    if self._iterator is None:
-      self._iterator = self._make_iterator()
-    batch = next(self._iterator)
-    self._batches_consumed += 1
-    return batch
-
-  def get_state(self) -> dict:
-    """A small JSON-able dict: the data config and the batches consumed."""
-    state = {"format": STATE_FORMAT, "batches_consumed": self._batches_consumed}
-    state.update(self._config)
-    return json.loads(json.dumps(state))  # plain JSON types only
-
-  def set_state(self, state: Mapping[str, Any]) -> None:
-    """Moves to the position recorded by :meth:`get_state`.
-
-    Raises:
-      ValueError: the state came from a differently configured pipeline.
-    """
-    if state.get("format") != STATE_FORMAT:
-      raise ValueError(f"Not a data iterator state (format={state.get('format')!r},"
-                       f" expected {STATE_FORMAT!r}).")
-    mine = json.loads(json.dumps(self._config))
-    for key, value in mine.items():
-      # Every host consumes batches in lock-step, so a state saved by one
-      # host (the checkpoint keeps process 0's) is valid for all of them:
-      # only the shard index differs.
-      if key == "shard_index":
-        continue
-      if state.get(key) != value:
-        raise ValueError(
-            f"Data iterator state has {key}={state.get(key)!r} but this pipeline "
-            f"has {key}={value!r}. Resume with the same data settings, or start "
-            "the data from scratch (do not restore the iterator state).")
-    self._batches_consumed = int(state["batches_consumed"])
-    self._iterator = None  # rebuilt lazily, skipping the consumed batches
-
-
-@gin.configurable(module="moe_jax.data")
-def get_train_iterator(mixture_or_task_name: str,
-                       task_feature_lengths: Mapping[str, int],
-                       batch_size: int,
-                       seed: int = 0,
-                       shard_index: Optional[int] = None,
-                       num_shards: Optional[int] = None,
-                       pack: bool = True,
-                       model_type: str = "encdec",
-                       split: str = "train",
-                       shuffle: bool = True,
-                       num_epochs: Optional[int] = None,
-                       curriculum: Optional[Sequence] = None) -> DataIterator:
-  """The training iterator of this host.
-
-  Args:
-    mixture_or_task_name: a registered seqio Task/Mixture (``tasks`` is
-      imported if the name is unknown).
-    task_feature_lengths: e.g. ``{"inputs": 512, "targets": 114}``.
-    batch_size: the *global* batch size (all hosts together).
-    seed: fixes shuffling and mixture sampling.
-    shard_index, num_shards: this host's data shard (default: process index
-      and count).
-    pack: pack several examples per row.
-    model_type: ``encdec`` or ``decoder``.
-    split, shuffle, num_epochs: ``None`` epochs repeats forever.
-    curriculum: optional phases ``[(start_step, members), ...]`` (gin
-      ``get_train_iterator.curriculum``): training then reads each phase's
-      members instead of ``mixture_or_task_name`` (which stays the eval
-      mixture); see :mod:`moe_jax.data.curriculum` and docs/curriculum.md.
-
-  Returns:
-    A :class:`DataIterator` (a ``CurriculumIterator`` with a curriculum) of
-    ``<int32>[batch_size / num_shards, length]`` feature dicts with
-    ``get_state()`` / ``set_state()``.
-  """
-  if model_type not in MODEL_TYPES:
-    raise ValueError(f"Unknown model_type {model_type!r}; use one of {MODEL_TYPES}.")
-  if shard_index is None or num_shards is None:
-    default_index, default_count = default_shard()
-    shard_index = default_index if shard_index is None else shard_index
-    num_shards = default_count if num_shards is None else num_shards
-  ensure_registered(mixture_or_task_name)
-  config = dict(
-      mixture_or_task_name=mixture_or_task_name,
-      task_feature_lengths={k: int(v) for k, v in task_feature_lengths.items()},
-      per_host_batch_size=_per_host_batch(batch_size, num_shards),
-      seed=seed, shard_index=shard_index, num_shards=num_shards, pack=pack,
-      model_type=model_type, split=split, shuffle=shuffle, num_epochs=num_epochs)
-  if curriculum:
-    from moe_jax.data import curriculum as curriculum_lib  # pylint: disable=g-import-not-at-top
-    return curriculum_lib.CurriculumIterator(curriculum, config)
-  return DataIterator(config)
 
 
 # --------------------------------------------------------------------------
@@ -366,7 +234,7 @@ def get_eval_datasets(mixture_or_task_name: str,
   provider = ensure_registered(mixture_or_task_name)
   if shard_index is None or num_shards is None:
     shard_index, num_shards = default_shard()
-  per_host = _per_host_batch(batch_size, num_shards)
+  per_host = per_host_batch(batch_size, num_shards)
   tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
   table = route_ids_lib.RouteIdTable()  # gin-configured; off by default
   task_route_ids = table.resolve(provider) if table.enabled else {}
@@ -387,45 +255,6 @@ def get_eval_datasets(mixture_or_task_name: str,
         route_ids=task_route_ids.get(task.name))
   if not out:
     raise ValueError(f"No task of {mixture_or_task_name!r} has a {split!r} split.")
-  return out
-
-
-# --------------------------------------------------------------------------
-# Global arrays
-# --------------------------------------------------------------------------
-
-def batch_sharding(mesh: Mesh,
-                   rules: Optional[partitioning.LogicalRules] = None,
-                   logical_axes: Sequence[Optional[str]] = ("batch", "length"),
-                   ) -> NamedSharding:
-  """``NamedSharding`` for a ``<int>[batch, length]`` input feature."""
-  rules = partitioning.standard_logical_rules() if rules is None else rules
-  return partitioning.logical_sharding(mesh, logical_axes, rules)
-
-
-def to_global_batch(batch: Mapping[str, np.ndarray], mesh: Mesh,
-                    rules: Optional[partitioning.LogicalRules] = None
-                    ) -> dict[str, jax.Array]:
-  """Per-host numpy batch -> global batch-sharded ``jax.Array`` per feature.
-
-  Each host passes its own ``<int>[per_host_batch, length]`` rows; the result
-  is ``<int>[per_host_batch * num_hosts, length]`` sharded over the mesh's
-  batch axes (``data``, ``fsdp``, ``expert`` by the standard rules).
-  """
-  out = {}
-  for name, value in batch.items():
-    value = np.asarray(value)
-    sharding = batch_sharding(mesh, rules, ("batch", "length")[:value.ndim]
-                              + (None,) * max(0, value.ndim - 2))
-    num_batch_shards = partitioning.mesh_axis_size(
-        mesh, sharding.spec[0] if len(sharding.spec) else None)
-    global_rows = value.shape[0] * jax.process_count()
-    if global_rows % num_batch_shards:
-      raise ValueError(
-          f"Feature {name!r}: global batch {global_rows} is not divisible by "
-          f"the {num_batch_shards} batch shards of the mesh {dict(mesh.shape)}; "
-          "make the batch size a multiple of data*fsdp*expert.")
-    out[name] = jax.make_array_from_process_local_data(sharding, value)
   return out
 
 

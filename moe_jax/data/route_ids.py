@@ -193,8 +193,9 @@ def get_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str, in
         "RouteIdTable.level = None.")
   provider = seqio.get_mixture_or_task(mixture_or_task_name)
   ids = table.resolve(provider)
+  # No in-memory cache: its contents would enter every checkpointed iterator.
   common = dict(split=split, shuffle=shuffle, seed=seed, shard_info=shard_info,
-                num_epochs=num_epochs)
+                num_epochs=num_epochs, try_in_mem_cache=False)
   if isinstance(provider, seqio.Mixture):
     ds = RoutedMixture(provider, ids).get_dataset(dict(task_feature_lengths), **common)
   else:

@@ -36,17 +36,30 @@ def examples_dataset(columns: Mapping[str, Sequence[str]], shuffle: bool,
                      seed: Optional[int]) -> tf.data.Dataset:
   """A dataset of string examples; a full seeded shuffle if ``shuffle``.
 
-  The shuffle happens *before* seqio shards the examples, so every host must
-  use the same seed; ``None`` falls back to 0 for that reason. Each epoch (a
-  ``repeat`` re-runs the source) gets a new, still seed-determined, order.
+  The shuffle is by index: each pass over the examples (a ``repeat`` re-runs
+  the source) draws a fresh key from a seeded stream and visits the examples
+  in the order ``tf.random.experimental.index_shuffle`` gives under that key.
+  So a checkpointed tf.data iterator holds a few integers for this source, not
+  a shuffle buffer holding the whole corpus. The shuffle happens *before*
+  seqio shards the examples, so every host must use the same seed; ``None``
+  falls back to 0 for that reason.
   """
-  ds = tf.data.Dataset.from_tensor_slices(
-      {k: tf.constant(list(v), dtype=tf.string) for k, v in columns.items()})
-  if shuffle:
-    n = len(next(iter(columns.values())))
-    ds = ds.shuffle(max(n, 1), seed=0 if seed is None else seed,
-                    reshuffle_each_iteration=True)
-  return ds
+  tensors = {k: tf.constant(list(v), dtype=tf.string) for k, v in columns.items()}
+  n = len(next(iter(columns.values())))
+  if not shuffle or n < 2:
+    return tf.data.Dataset.from_tensor_slices(tensors)
+  seed = 0 if seed is None else int(seed)
+  pass_keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(1)
+
+  def one_pass(key):
+    seeds = tf.stack([tf.constant(seed, tf.int64), key])
+
+    def example(i):
+      j = tf.random.experimental.index_shuffle(i, seeds, tf.constant(n - 1, tf.int64))
+      return {k: tf.gather(t, j) for k, t in tensors.items()}
+    return tf.data.Dataset.range(n).map(example)
+
+  return pass_keys.flat_map(one_pass)
 
 
 def add_translation_task(name: str,

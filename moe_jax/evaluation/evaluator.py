@@ -18,12 +18,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import sacrebleu
+from flax import traverse_util
 
 from moe_jax import partitioning
 from moe_jax.data import pipeline
@@ -51,7 +52,7 @@ def sequence_accuracy(targets: list[str], predictions: list[str]) -> dict[str, f
 def task_metrics(task, targets: list[str], predictions: list[str]) -> dict[str, float]:
   """The Task's metric fns, then chrF and sequence accuracy (if not already there)."""
   out: dict[str, float] = {}
-  fns = list(getattr(task, "predict_metric_fns", None) or task.metric_fns)
+  fns = list(task.predict_metric_fns or task.metric_fns)
   for fn in fns + [chrf, sequence_accuracy]:
     for name, value in fn(list(targets), list(predictions)).items():
       out.setdefault(name, float(getattr(value, "score", value)))
@@ -74,14 +75,11 @@ _ROUTE_FEATURES = ("encoder_route_ids", "decoder_route_ids")
 
 
 def _task_routed(model) -> bool:
-  stack_moe = getattr(model.config, "stack_moe", None)
-  moes = ([stack_moe("encoder"), stack_moe("decoder")] if stack_moe
-          else [model.config.moe])
-  return any(m is not None and getattr(m, "routing_level", "token") == "task"
-             for m in moes)
+  return any(m.routing_level == "task" for m in model.config.moe_configs())
 
 
-def task_routing_counts(params: Any, batch: Mapping[str, Any], k: int
+def task_routing_counts(params: Any, batch: Mapping[str, Any],
+                        k: Union[int, Mapping[str, int]]
                         ) -> dict[str, dict[str, jax.Array]]:
   """:func:`routing_stats.routing_counts` of a task-routed model, from its tables.
 
@@ -90,24 +88,25 @@ def task_routing_counts(params: Any, batch: Mapping[str, Any], k: int
   encoder layers use ``encoder_route_ids``, decoder layers
   ``decoder_route_ids`` (0 = padding, not counted). Scanned stacks are summed
   over the scan. Token-routed layers of the same model are not counted.
+  ``k``: experts per token, or ``{"encoder": k, "decoder": k}`` per stack.
   """
-  from moe_jax.checkpoints import tree_paths  # pylint: disable=g-import-not-at-top
-  suffix = tree_paths.SEP + "router_kernel"
   out = {}
-  for name, table in tree_paths.flatten_with_paths(params).items():
-    if not name.endswith(suffix):
+  for name, table in traverse_util.flatten_dict(params, sep="/").items():
+    if not name.endswith("/router_kernel"):
       continue
-    layer = name[:-len(suffix)]
-    ids = batch["encoder_route_ids" if layer.startswith("encoder") else "decoder_route_ids"]
+    layer = name[:-len("/router_kernel")]
+    stack = "encoder" if layer.startswith("encoder") else "decoder"
+    ids = batch[f"{stack}_route_ids"]
+    k_layer = k[stack] if isinstance(k, Mapping) else k
     tables = table if table.ndim == 3 else table[None]
     one_hot = jax.nn.one_hot(ids, tables.shape[-2], dtype=jnp.float32)
-    per = [rs_lib.router_choices(one_hot, t, None, k, ids > 0) for t in tables]
+    per = [rs_lib.router_choices(one_hot, t, None, k_layer, ids > 0) for t in tables]
     out[layer] = jax.tree_util.tree_map(lambda *xs: sum(xs), *per)
   return out
 
 
-def _counts_fn(model, mesh, rules, param_sh, routed: bool = False, k: int = 1):
-  bsh = pipeline.batch_sharding(mesh, rules)
+def _counts_fn(model, partitioner, param_sh, routed: bool, k: Mapping[str, int]):
+  bsh = partitioner.batch_sharding
   task_routed = _task_routed(model)
 
   def counts(params, batch):
@@ -118,7 +117,7 @@ def _counts_fn(model, mesh, rules, param_sh, routed: bool = False, k: int = 1):
                                  batch["decoder_target_tokens"])
   keys = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens")
   return jax.jit(counts, in_shardings=(param_sh, {
-      k: bsh for k in keys + (_ROUTE_FEATURES if routed else ())}))
+      name: bsh for name in keys + (_ROUTE_FEATURES if routed else ())}))
 
 
 def _route_kwargs(local: Mapping[str, np.ndarray]) -> dict:
@@ -130,7 +129,8 @@ def _route_kwargs(local: Mapping[str, np.ndarray]) -> dict:
           "decoder_route_ids": local["decoder_route_ids"].max(axis=1)}
 
 
-def evaluate(model, params, evals: Mapping[str, pipeline.EvalDataset], mesh, rules,
+def evaluate(model, params, evals: Mapping[str, pipeline.EvalDataset],
+             partitioner: partitioning.Partitioner,
              spec: inference.DecodeSpec, collect_routing: bool = True,
              max_batches: Optional[int] = None) -> EvalResult:
   """Decodes and scores every Task of ``evals``.
@@ -141,17 +141,19 @@ def evaluate(model, params, evals: Mapping[str, pipeline.EvalDataset], mesh, rul
       ``shard_index=0, num_shards=1`` (every host reads the whole split; each
       feeds its rows of each global batch and gets all outputs back, so all
       hosts compute the same metrics).
-    mesh, rules: device mesh and logical-axis rules.
+    partitioner: device mesh and logical-axis rules.
     spec: decoding settings.
     collect_routing: also replay the predictions under teacher forcing and
       count routing choices per MoE layer (the decoder routes each position
       as during decoding, since routing is per token).
     max_batches: evaluate at most this many batches per task.
   """
-  predictor = inference.Predictor(model, params, mesh, rules, spec)
-  k = max((m.num_selected_experts for m in model.config.moe_configs()), default=1)
+  predictor = inference.Predictor(model, params, partitioner, spec)
+  stack_k = {s: model.config.stack_moe(s).num_selected_experts
+             for s in model.config.sparse_stacks()}
+  k = max(stack_k.values(), default=1)
   routed = any(ev.route_ids is not None for ev in evals.values())
-  counts_fn = (_counts_fn(model, mesh, rules, predictor.param_shardings, routed, k)
+  counts_fn = (_counts_fn(model, partitioner, predictor.param_shardings, routed, stack_k)
                if collect_routing and model.config.has_moe else None)
   stats = rs_lib.RoutingStats() if counts_fn else None
   hosts = jax.process_count()
@@ -176,8 +178,8 @@ def evaluate(model, params, evals: Mapping[str, pipeline.EvalDataset], mesh, rul
           replay["encoder_route_ids"] = route["encoder_route_ids"]
           replay["decoder_route_ids"] = np.where(
               replay["decoder_target_tokens"] > 0, dec_id, 0).astype(np.int32)
-        with partitioning.with_sharding(mesh, rules):
-          glob = pipeline.to_global_batch(replay, mesh, rules)
+        with partitioner.activate():
+          glob = partitioner.global_batch(replay)
           stats.add_counts(name, counts_fn(params, glob), k)
       for ids in inference.trim_after_eos(out[:n]):
         rows.append(vocab.decode(ids))
@@ -239,7 +241,8 @@ def write_results(output_dir: str, result: EvalResult, step: int = 0,
   return paths
 
 
-def make_training_eval_fn(model, mesh, rules, mixture_or_task_name: str,
+def make_training_eval_fn(model, partitioner: partitioning.Partitioner,
+                          mixture_or_task_name: str,
                           task_feature_lengths: Mapping[str, int], batch_size: int,
                           spec: Optional[inference.DecodeSpec] = None,
                           split: str = "validation", max_examples: Optional[int] = None,
@@ -256,7 +259,7 @@ def make_training_eval_fn(model, mesh, rules, mixture_or_task_name: str,
   spec = spec or inference.DecodeSpec()
 
   def run(step: int, params: Any) -> dict[str, float]:
-    result = evaluate(model, params, evals, mesh, rules, spec,
+    result = evaluate(model, params, evals, partitioner, spec,
                       collect_routing=output_dir is not None)
     if output_dir:
       write_results(os.path.join(output_dir, str(step)), result, step)

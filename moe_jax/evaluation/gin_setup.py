@@ -4,42 +4,72 @@ The binaries take T5X-style flags (``--gin_file``, ``--gin.NAME=VALUE``) and
 read *macros* (``CHECKPOINT_PATH``, ``EVAL_OUTPUT_DIR``, ``MESH_*``, ...)
 rather than binding a configurable, so the shipped run files
 (``runs/eval.gin``, ``runs/infer.gin``) need no binary-specific lines. The
-model comes from the ``MODEL_CONFIG`` macro of the model gin file.
+model comes from the ``MODEL_CONFIG`` macro of a model gin file, or, when no
+file gives one, from the ``config.gin`` the training run wrote next to the
+checkpoint (:func:`parse`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import os
+from typing import Any, Callable, Optional, Sequence
 
 import gin
 
 from moe_jax import partitioning
-from moe_jax import train as train_bin
+from moe_jax import gin_utils
 
 _MISSING = object()
 
 
-@gin.configurable("eval_model_config", module="moe_jax")
-def _model_config(model_config=gin.REQUIRED):
-  return model_config
-
-
-MODEL_BINDING = "moe_jax.eval_model_config.model_config = %MODEL_CONFIG"
+MODEL_BINDING = gin_utils.MODEL_HOOK_BINDING
 
 
 def parse(gin_files: Sequence[str], bindings: Sequence[str],
-          search_paths: Sequence[str] = ()) -> None:
+          search_paths: Sequence[str] = (), checkpoint: Optional[str] = None,
+          log_fn: Optional[Callable[[str], None]] = None) -> Optional[str]:
   """Parses gin like ``moe-train`` does, plus the model-config hook.
 
   ``MODEL_DIR`` (required by the training run files that eval/infer include)
-  defaults to ``None``: these binaries write elsewhere.
+  defaults to ``None``: these binaries write elsewhere. When no file or
+  binding defines ``MODEL_CONFIG``, the run's own ``config.gin`` (or
+  ``upcycled_model.gin``) next to the checkpoint (``checkpoint``, default the
+  ``CHECKPOINT_PATH`` macro; a run directory or a step directory) is parsed
+  after the given files: the run's model, data (``MIXTURE_OR_TASK_NAME``,
+  ``TASK_FEATURE_LENGTHS``) and mesh settings replace those the run files
+  (e.g. ``runs/eval.gin``'s defaults) set; command-line bindings still win.
+
+  Returns:
+    The run config file used for the model, or ``None`` (a model gin given).
+
+  Raises:
+    UsageError: no model gin and no run config next to the checkpoint.
   """
   import importlib  # pylint: disable=g-import-not-at-top
   from moe_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   for module in pipeline.DEFAULT_TASK_MODULES:  # they add configurables: before locking
     importlib.import_module(module)
-  train_bin.parse_gin(gin_files, ["MODEL_DIR = None"] + list(bindings) + [MODEL_BINDING],
-                      search_paths)
+  lines = ["MODEL_DIR = None"] + list(bindings) + [MODEL_BINDING]
+  gin_utils.parse_gin(gin_files, lines, search_paths, finalize=False)
+  if gin_utils.query_macro("MODEL_CONFIG") is not None:
+    gin.finalize()
+    return None
+  checkpoint = checkpoint or macro("CHECKPOINT_PATH", None)
+  run_config = gin_utils.find_run_config(checkpoint) if checkpoint else None
+  if run_config is None:
+    raise gin_utils.UsageError(
+        "No model: no gin file defines MODEL_CONFIG"
+        + (f", and there is no {' or '.join(gin_utils.RUN_CONFIG_FILES)} in "
+           f"{checkpoint!r} or the two directories above it" if checkpoint else "")
+        + ". Give the model's gin file (e.g. --gin_file=models/tiny_switch.gin), "
+        "or point the checkpoint at a moe-train run directory (or one of its "
+        "step directories).")
+  if log_fn is not None:
+    log_fn(f"model and data settings from {run_config} (the run's config; a model "
+           "--gin_file or --gin.NAME=VALUE wins)")
+  gin_utils.parse_gin(list(gin_files) + [run_config], lines,
+                      list(search_paths) + [os.path.dirname(run_config)])
+  return run_config
 
 
 def macro(name: str, default: Any = _MISSING) -> Any:
@@ -51,7 +81,7 @@ def macro(name: str, default: Any = _MISSING) -> Any:
   if value is _MISSING or repr(value) == "%gin.REQUIRED" or (
       type(value).__name__ == "ConfigurableReference" and "REQUIRED" in repr(value)):
     if default is _MISSING:
-      raise train_bin.UsageError(
+      raise gin_utils.UsageError(
           f"Set {name} (e.g. --gin.{name}=...) or define it in a --gin_file.")
     return default
   return value
@@ -60,32 +90,31 @@ def macro(name: str, default: Any = _MISSING) -> Any:
 def required(name: str) -> Any:
   value = macro(name, None)
   if value is None:
-    raise train_bin.UsageError(f"{name} is not set; pass --gin.{name}=... .")
+    raise gin_utils.UsageError(f"{name} is not set; pass --gin.{name}=... .")
   return value
 
 
 def model_config():
   """The ``T5Config`` of the ``MODEL_CONFIG`` macro."""
   try:
-    return _model_config()
+    return gin_utils.configured_model()
   except (ValueError, RuntimeError) as e:
-    raise train_bin.UsageError(
+    raise gin_utils.UsageError(
         f"Could not build the model from gin ({e}); include a model file, e.g. "
         "--gin_file=models/tiny_switch.gin.") from e
 
 
-def mesh_and_rules(mesh_shape: Optional[dict] = None):
-  """The mesh from ``MESH_*`` / ``DCN_MESH_*`` macros and the standard rules."""
+def partitioner(mesh_shape: Optional[dict] = None) -> partitioning.Partitioner:
+  """The mesh from ``MESH_*`` / ``DCN_MESH_*`` macros (or ``mesh_shape``) and
+  the standard rules (``FSDP_PARAMS``)."""
   shape = mesh_shape or {axis: macro(f"MESH_{axis.upper()}", -1 if axis == "data" else 1)
-                         for axis in ("data", "fsdp", "expert", "model")}
-  dcn = {axis: macro(f"DCN_MESH_{axis.upper()}", 1)
-         for axis in ("data", "fsdp", "expert", "model")}
+                         for axis in partitioning.MESH_AXES}
+  dcn = {axis: macro(f"DCN_MESH_{axis.upper()}", 1) for axis in partitioning.MESH_AXES}
   try:
-    mesh = partitioning.make_mesh(shape, dcn_axis_sizes=dcn)
+    return partitioning.Partitioner.create(
+        shape, dcn, fsdp_params=macro("FSDP_PARAMS", True))
   except ValueError as e:
-    raise train_bin.UsageError(str(e)) from e
-  rules = partitioning.standard_logical_rules(fsdp_params=macro("FSDP_PARAMS", True))
-  return mesh, rules
+    raise gin_utils.UsageError(str(e)) from e
 
 
 def decode_spec(default_length: Optional[int] = None):
@@ -100,7 +129,7 @@ def decode_spec(default_length: Optional[int] = None):
         temperature=macro("DECODE_TEMPERATURE", 1.0), top_k=macro("DECODE_TOP_K", 0),
         seed=macro("SEED", 0))
   except ValueError as e:
-    raise train_bin.UsageError(str(e)) from e
+    raise gin_utils.UsageError(str(e)) from e
 
 
 def checkpoint_step(path: str) -> int:

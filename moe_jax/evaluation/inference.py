@@ -23,7 +23,6 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from moe_jax import partitioning
-from moe_jax.data import pipeline
 from moe_jax.models import decoding
 
 DECODE_METHODS = ("greedy", "beam", "sample")
@@ -55,13 +54,13 @@ class DecodeSpec:
       raise ValueError(f"beam_size={self.beam_size} must be >= 1.")
 
 
-def abstract_params(model: nn.Module, mesh, rules, input_length: int = 8,
-                    target_length: int = 8) -> tuple[Any, Any]:
-  """``(abstract params tree, NamedSharding tree)`` of ``model`` on ``mesh``.
+def abstract_params(model: nn.Module, partitioner: partitioning.Partitioner,
+                    input_length: int = 8, target_length: int = 8) -> tuple[Any, Any]:
+  """``(abstract params tree, NamedSharding tree)`` of ``model`` on the mesh.
 
   Shapes do not depend on the dummy lengths used to trace ``init``.
   """
-  batch = partitioning.mesh_axis_size(mesh, partitioning.BATCH_MESH_AXES)
+  batch = partitioner.num_batch_shards
   dec = jnp.zeros((batch, target_length), jnp.int32)
   args = (dec, dec) if model.config.decoder_only else (
       jnp.zeros((batch, input_length), jnp.int32), dec, dec)
@@ -69,17 +68,17 @@ def abstract_params(model: nn.Module, mesh, rules, input_length: int = 8,
   def init(rng):
     return model.init({"params": rng}, *args, enable_dropout=False)["params"]
 
-  with partitioning.with_sharding(mesh, rules):
+  with partitioner.activate():
     boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
-  shardings = partitioning.params_shardings(mesh, boxed, rules)
-  return nn.unbox(boxed), shardings
+  return nn.unbox(boxed), partitioner.params_shardings(boxed)
 
 
-def load_params(checkpoint_path: str, model: nn.Module, mesh, rules) -> Any:
+def load_params(checkpoint_path: str, model: nn.Module,
+                partitioner: partitioning.Partitioner) -> Any:
   """Restores the params of ``model`` from a train-state or params checkpoint,
-  placed with their shardings on ``mesh``."""
+  placed with their shardings on the partitioner's mesh."""
   from moe_jax.checkpoints import restore  # pylint: disable=g-import-not-at-top
-  abstract, shardings = abstract_params(model, mesh, rules)
+  abstract, shardings = abstract_params(model, partitioner)
   return restore.restore_params(checkpoint_path, abstract, shardings)
 
 
@@ -115,26 +114,27 @@ class Predictor:
   Args:
     model: an ``EncoderDecoderModel``.
     params: its params (sharded, e.g. from :func:`load_params`).
-    mesh, rules: the device mesh and logical-axis rules.
+    partitioner: the device mesh and logical-axis rules.
     spec: the decoding settings.
   """
 
-  def __init__(self, model: nn.Module, params: Any, mesh, rules, spec: DecodeSpec):
+  def __init__(self, model: nn.Module, params: Any,
+               partitioner: partitioning.Partitioner, spec: DecodeSpec):
     if model.config.decoder_only:
       raise ValueError("Predictor decodes encoder-decoder models; decoder-only "
                        "models are not supported by moe-eval/moe-infer yet.")
-    self.model, self.params, self.mesh, self.rules, self.spec = (
-        model, params, mesh, rules, spec)
+    self.model, self.params, self.partitioner, self.spec = (
+        model, params, partitioner, spec)
     self.param_shardings = jax.tree_util.tree_map(lambda x: x.sharding, params)
     self._compiled: dict[int, Any] = {}
-    self.batch_shards = partitioning.mesh_axis_size(mesh, partitioning.BATCH_MESH_AXES)
+    self.batch_shards = partitioner.num_batch_shards
 
   def _fn(self, max_len: int, routed: bool = False):
     key = (max_len, routed)
     if key not in self._compiled:
-      bsh = pipeline.batch_sharding(self.mesh, self.rules)
+      bsh = self.partitioner.batch_sharding
       # Route ids (task-level routing): encoder <int>[b, s], decoder <int>[b].
-      route_sh = (bsh, pipeline.batch_sharding(self.mesh, self.rules, ("batch",)))
+      route_sh = (bsh, bsh)
       self._compiled[key] = jax.jit(
           _decode_fn(self.model, self.spec, max_len),
           in_shardings=(self.param_shardings, bsh) + (route_sh if routed else ()))
@@ -157,7 +157,7 @@ class Predictor:
       <int32>[rows * hosts, max_decode_length]: tokens, 1 = EOS, 0 after it.
     """
     enc = np.asarray(encoder_input_tokens, np.int32)
-    with partitioning.with_sharding(self.mesh, self.rules):
+    with self.partitioner.activate():
       feats = {"encoder_input_tokens": enc}
       routed = encoder_route_ids is not None or decoder_route_ids is not None
       if routed:
@@ -166,7 +166,7 @@ class Predictor:
                            "(task-level routing) or neither.")
         feats["encoder_route_ids"] = np.asarray(encoder_route_ids, np.int32)
         feats["decoder_route_ids"] = np.asarray(decoder_route_ids, np.int32)
-      glob = pipeline.to_global_batch(feats, self.mesh, self.rules)
+      glob = self.partitioner.global_batch(feats)
       route = ((glob["encoder_route_ids"], glob["decoder_route_ids"])
                if routed else ())
       out = self._fn(max_decode_length, routed)(

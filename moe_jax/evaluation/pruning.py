@@ -37,8 +37,8 @@ from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
+from flax import traverse_util
 
-from moe_jax.checkpoints import tree_paths
 from moe_jax.evaluation import routing_stats as rs_lib
 
 SCORES = ("activity", "importance", "load")
@@ -153,9 +153,9 @@ def choose_experts(stats: rs_lib.RoutingStats, spec: PruneSpec,
 
 def moe_layer_paths(params: Any) -> list[str]:
   """Paths of the MoE layers (modules holding ``router_kernel``) in ``params``."""
-  flat = tree_paths.flatten_with_paths(params)
-  suffix = tree_paths.SEP + "router_kernel"
-  return sorted(k[:-len(suffix)] for k in flat if k.endswith(suffix))
+  suffix = "/router_kernel"
+  return sorted(k[:-len(suffix)] for k in traverse_util.flatten_dict(params, sep="/")
+                if k.endswith(suffix))
 
 
 def prune_params(params: Any, selection: Mapping[str, np.ndarray]) -> dict:
@@ -163,7 +163,7 @@ def prune_params(params: Any, selection: Mapping[str, np.ndarray]) -> dict:
 
   Returns a nested dict of numpy arrays (host memory).
   """
-  flat = tree_paths.flatten_with_paths(params)
+  flat = traverse_util.flatten_dict(params, sep="/")
   layers = moe_layer_paths(params)
   missing = sorted(set(selection) - set(layers))
   if missing:
@@ -173,17 +173,17 @@ def prune_params(params: Any, selection: Mapping[str, np.ndarray]) -> dict:
   out = {}
   for name, leaf in flat.items():
     value = np.asarray(jax.device_get(leaf))
-    layer = next((l for l in selection if name.startswith(l + tree_paths.SEP)), None)
+    layer = next((l for l in selection if name.startswith(l + "/")), None)
     if layer is not None:
       keep = np.asarray(selection[layer])
       rel = name[len(layer) + 1:]
       if rel == "router_kernel":
         value = value[..., keep]
-      elif rel == "router_bias" or (rel.startswith("experts" + tree_paths.SEP)
+      elif rel == "router_bias" or (rel.startswith("experts/")
                                     and not rel.endswith("_shared")):
         value = value[keep]  # shared-core kernels (``*_shared``) have no expert dim
     out[name] = value
-  return tree_paths.unflatten_paths(out)
+  return traverse_util.unflatten_dict(out, sep="/")
 
 
 _LAYER_RE = re.compile(r"^(encoder|decoder)/layers/layers_(\d+)/moe$")

@@ -40,16 +40,6 @@ def make_segment_mask(query_segments: jax.Array, key_segments: jax.Array) -> jax
   return (query_segments[:, :, None] == key_segments[:, None, :])[:, None]
 
 
-def combine_masks(*masks: Optional[jax.Array]) -> Optional[jax.Array]:
-  masks = [m for m in masks if m is not None]
-  if not masks:
-    return None
-  out = masks[0]
-  for m in masks[1:]:
-    out = out & m
-  return out
-
-
 def mask_to_bias(mask: Optional[jax.Array], dtype=jnp.float32) -> Optional[jax.Array]:
   if mask is None:
     return None

@@ -34,10 +34,13 @@ non-empty inner group ``(o, g)``, averaged), ``aux_loss`` = their sum,
 ``dropped_fraction``, ``expert_load`` [E] and ``router_confidence`` (of the
 inner router).
 
-The function runs inside ``MoeLayer``'s scope (``layer``) so parameters and
-sown values sit where flat routing puts them: ``router_outer_kernel``
-``[D, E_o]``, ``router_inner_kernel`` ``[E_o, D, E_i]`` and ``experts/{wi_0,
-wi_1 | wi, wo}`` ``[E_o, E_i, ...]``.
+``BilevelMoeLayer`` is its own layer (``models/blocks.py`` picks it when
+``MoeConfig.bilevel_outer_size > 0``) named ``moe`` like the flat one, so
+parameters and sown values sit where flat routing puts them:
+``router_outer_kernel`` ``[D, E_o]``, ``router_inner_kernel`` ``[E_o, D,
+E_i]`` and ``experts/{wi_0, wi_1 | wi, wo}`` ``[E_o, E_i, ...]``. It shares
+grouping, capacity, gather/scatter, the top-k router, expert weights and
+activations, EOM/FOM and the metric registry with the flat layer.
 """
 
 from __future__ import annotations
@@ -49,13 +52,15 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax import partitioning
+from moe_jax.layers import expert_parallel
 from moe_jax.layers import experts as experts_lib
+from moe_jax.layers import grouping
+from moe_jax.layers import moe_config as cfg_lib
+from moe_jax.layers import moe_metrics as mm
+from moe_jax.layers import regularization
 from moe_jax.layers import routing
 
 Array = jax.Array
-
-AUX_LOSS_OUTER = "aux_loss_outer"
-AUX_LOSS_INNER = "aux_loss_inner"
 # Logical axis of the outer level (partitioning.standard_logical_rules maps it).
 OUTER_LOGICAL_AXIS = "expert_outer"
 DEFAULT_OUTER_MESH_AXES = ("data",)
@@ -68,19 +73,6 @@ _GROUPS_AFTER_BOTH = "bilevel_groups_after_both"
 _OUTER_THEN_GROUPS = "bilevel_outer_then_groups"
 
 
-def _as_tuple(x) -> tuple:
-  if x is None:
-    return ()
-  return tuple(x) if isinstance(x, (tuple, list)) else (x,)
-
-
-def _first_rule(rules, name, default=None):
-  for logical, mesh_axes in rules:
-    if logical == name:
-      return mesh_axes
-  return default
-
-
 def level_mesh_axes(rules) -> dict[str, tuple[str, ...]]:
   """Mesh axes of each level and of the token groups between the all-to-alls.
 
@@ -89,9 +81,9 @@ def level_mesh_axes(rules) -> dict[str, tuple[str, ...]]:
     -> tuples of mesh axis names. Groups start on the ``batch`` axes; all-to-
     all #1 takes the outer axes from them, #2 the inner axes.
   """
-  outer = _as_tuple(_first_rule(rules, OUTER_LOGICAL_AXIS, DEFAULT_OUTER_MESH_AXES))
-  inner = _as_tuple(_first_rule(rules, "expert"))
-  batch = _as_tuple(_first_rule(rules, "batch", partitioning.BATCH_MESH_AXES))
+  outer = expert_parallel.mesh_axes(rules, OUTER_LOGICAL_AXIS, DEFAULT_OUTER_MESH_AXES)
+  inner = expert_parallel.mesh_axes(rules, "expert")
+  batch = expert_parallel.mesh_axes(rules, "batch", partitioning.BATCH_MESH_AXES)
   after_outer = tuple(a for a in batch if a not in outer)
   after_both = tuple(a for a in after_outer if a not in inner)
   return dict(outer=outer, inner=inner, batch=batch,
@@ -134,32 +126,6 @@ def validate_mesh(num_outer: int, num_inner: int, mesh: Optional[Any], rules) ->
         "change num_experts or bilevel_outer_size.")
 
 
-def _gather_slots(tokens: Array, slot_token: Array) -> Array:
-  """<float>[N, S, D], <int32>[N, E, C] (S = empty) -> <float>[N, E, C, D]."""
-  padded = jnp.concatenate([tokens, jnp.zeros_like(tokens[:, :1])], axis=1)
-  return jax.vmap(lambda t, idx: t[idx])(padded, slot_token)
-
-
-def _scatter_slots(out: Array, slot_token: Array, slot_weight: Array,
-                   s: int) -> Array:
-  """Weighted sum of slot outputs onto tokens.
-
-  Args:
-    out: <float>[N, E, C, D]; slot_token: <int32>[N, E, C];
-    slot_weight: <float32>[N, E, C].
-  Returns:
-    <float>[N, S, D].
-  """
-  d = out.shape[-1]
-  weighted = out * slot_weight[..., None].astype(out.dtype)
-
-  def one(w, idx):
-    return jnp.zeros((s + 1, d), w.dtype).at[idx.reshape(-1)].add(
-        w.reshape(-1, d))[:s]
-
-  return jax.vmap(one)(weighted, slot_token)
-
-
 class BilevelExpertWeights(nn.Module):
   """Expert weights ``[E_o, E_i, ...]`` with logical axes ``('expert_outer',
   'expert', ...)``; returns them cast to ``dtype``."""
@@ -174,9 +140,7 @@ class BilevelExpertWeights(nn.Module):
   @nn.compact
   def __call__(self) -> dict[str, Array]:
     eo, ei, d, f = self.num_outer, self.num_inner, self.d_model, self.d_ff
-    init = nn.initializers.variance_scaling(
-        1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
-        batch_axis=(0, 1))
+    init = experts_lib.expert_kernel_init(batch_axis=(0, 1))
     names = ["wi_0", "wi_1"] if len(self.activations) == 2 else ["wi"]
     shapes = {n: ((eo, ei, d, f), (OUTER_LOGICAL_AXIS, "expert", "embed", "mlp"))
               for n in names}
@@ -188,142 +152,155 @@ class BilevelExpertWeights(nn.Module):
 
 def _capacities(c, s: int, deterministic: bool, decode: bool) -> tuple[int, int]:
   """(C1, C2): outer slots per (group, outer group); inner slots per expert."""
-  eo, k = c.bilevel_outer_size, c.num_selected_experts
-  if decode and c.capacity_factor_decode is None:
-    return s, s
-  factor = (c.capacity_factor_decode if decode else
-            c.capacity_factor_eval if deterministic else c.capacity_factor_train)
-  c1 = routing.expert_capacity(s, eo, 1, factor, c.min_expert_capacity)
-  c2 = routing.expert_capacity(s, c.num_experts, k, factor, c.min_expert_capacity)
+  mode = dict(deterministic=deterministic, decode=decode)
+  c1 = grouping.capacity_for_mode(c, s, c.bilevel_outer_size, 1, **mode)
+  c2 = grouping.capacity_for_mode(c, s, c.num_experts, c.num_selected_experts, **mode)
   return c1, min(c1, c2)
 
 
-def bilevel_moe(layer: nn.Module, x: Array, padding_mask: Optional[Array], *,
-                deterministic: bool, decode: bool) -> Array:
-  """The bi-level MoE forward pass, run in ``layer``'s (a ``MoeLayer``) scope.
+class BilevelMoeLayer(nn.Module):
+  """Bi-level sparse MoE MLP block; the interface of ``moe.MoeLayer``.
 
-  Args:
-    layer: the calling ``MoeLayer`` (its config, dtypes, params, rngs, sow).
-    x: <float>[batch, length, D].
-    padding_mask: <bool|int>[batch, length] or None.
-    deterministic / decode: as ``MoeLayer``.
-  Returns:
-    <float>[batch, length, D] in ``layer.dtype``.
+  Attributes:
+    config: ``MoeConfig`` with ``bilevel_outer_size > 0``.
+    dtype / param_dtype: as ``MoeLayer``.
   """
-  from moe_jax.layers import moe as moe_lib  # pylint: disable=g-import-not-at-top
-  c = layer.config
-  eo = c.bilevel_outer_size
-  ei = c.num_experts // eo
-  k = c.num_selected_experts
-  mesh = partitioning.current_mesh()
-  validate_mesh(eo, ei, mesh, nn.get_logical_axis_rules())
-  train = not deterministic
-  b, l, d = x.shape
-  x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-  n_batch = partitioning.mesh_axis_size(mesh, partitioning.BATCH_MESH_AXES)
-  g = moe_lib.choose_num_groups(b, l, c.group_size, n_batch)
-  s = b * l // g
-  c1, c2 = _capacities(c, s, deterministic, decode)
-  mask = (jnp.ones((g, s), jnp.float32) if padding_mask is None
-          else padding_mask.reshape(g, s).astype(jnp.float32))
-  rng_outer = rng_inner = None
-  if c.priority == "random":
-    key = layer.make_rng("routing") if train else jax.random.key(0)
-    rng_outer, rng_inner = jax.random.split(key)
+  config: cfg_lib.MoeConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
-  def jitter(v):
-    if not train or c.jitter_noise <= 0:
-      return v
-    return v * jax.random.uniform(layer.make_rng("jitter"), v.shape,
-                                  minval=1.0 - c.jitter_noise,
-                                  maxval=1.0 + c.jitter_noise)
+  @nn.compact
+  def __call__(self, x: Array, padding_mask: Optional[Array] = None, *,
+               deterministic: bool = True, causal: bool = False,
+               decode: bool = False, route_ids: Optional[Array] = None) -> Array:
+    """<float>[batch, length, D] -> <float>[batch, length, D] in ``dtype``;
+    arguments as ``MoeLayer`` (``route_ids`` unused)."""
+    del route_ids
+    c = self.config
+    mesh = partitioning.current_mesh()
+    c.validate(num_expert_shards=partitioning.mesh_axis_size(mesh, "expert"),
+               causal=causal)
+    eo = c.bilevel_outer_size
+    ei = c.num_experts // eo
+    k = c.num_selected_experts
+    validate_mesh(eo, ei, mesh, nn.get_logical_axis_rules())
+    train = not deterministic
+    b, l, d = x.shape
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    n_batch = partitioning.mesh_axis_size(mesh, partitioning.BATCH_MESH_AXES)
+    g = grouping.choose_num_groups(b, l, c.group_size, n_batch)
+    s = b * l // g
+    c1, c2 = _capacities(c, s, deterministic, decode)
+    mask = routing.as_mask(None if padding_mask is None else padding_mask.reshape(g, s),
+                           (g, s))
+    rng_outer = rng_inner = None
+    if c.priority == "random":
+      key = self.make_rng("routing") if train else jax.random.key(0)
+      rng_outer, rng_inner = jax.random.split(key)
 
-  def kernel(name, shape, axes):
-    w = layer.param(name, nn.with_logical_partitioning(
-        nn.initializers.normal(stddev=c.router_init_stddev), axes), shape, jnp.float32)
+    # --- level 1: outer routing on the source devices ----------------------
+    w_outer = self._router_kernel("router_outer_kernel", (d, eo), ("embed", "unmodeled"))
+    w_inner = self._router_kernel("router_inner_kernel", (eo, d, ei),
+                                  (OUTER_LOGICAL_AXIS, "embed", "unmodeled"))
+    logits_o = jnp.einsum("bld,do->blo", self._jitter(x.astype(jnp.float32), train),
+                          w_outer)
+    logits_o = _constrain(logits_o.reshape(g, s, eo), ("batch", "length", None))
+    outer = routing.TokensChooseRouter(
+        num_selected_experts=1, priority=c.priority).route(logits_o, mask, c1, rng_outer)
+    xg = _constrain(x.astype(self.dtype).reshape(g, s, d), ("batch", "length", None))
+    # All-to-all #1 (and back). Groups are split as [Gd, Gr]: Gd over the
+    # outer mesh axes, Gr over the remaining batch axes, so that exchanging
+    # Gd for E_o only pairs devices along the outer axes. After the exchange
+    # a device holds one outer group's slots from every Gd; they are merged,
+    # with Gr, into N = E_o * Gr * Gd inner routing groups (sharded like the
+    # batch).
+    gd = partitioning.mesh_axis_size(
+        mesh, level_mesh_axes(nn.get_logical_axis_rules() or ())["outer"])
+    gd = gd if g % gd == 0 else 1  # G is a multiple of the batch shards: divides
+    gr, n = g // gd, eo * g
+
+    def to_outer(a: Array) -> Array:
+      """<T>[G, E_o, C1, ...] (group-sharded) -> <T>[N, C1, ...] at the outer group."""
+      tail = (None,) * (a.ndim - 2)
+      a = jnp.moveaxis(a.reshape(gd, gr, *a.shape[1:]), 2, 0)  # [E_o, Gd, Gr, C1, ...]
+      a = _constrain(a, (None, _OUTER, _GROUPS_AFTER_OUTER) + tail)
+      a = _constrain(a, (_OUTER, None, _GROUPS_AFTER_OUTER) + tail)  # all-to-all
+      a = jnp.swapaxes(a, 1, 2).reshape(n, *a.shape[3:])  # [N, C1, ...]
+      return _constrain(a, (_OUTER_THEN_GROUPS,) + tail)
+
+    def from_outer(a: Array) -> Array:
+      """Inverse of ``to_outer``: <T>[N, C1, ...] -> <T>[G, E_o, C1, ...]."""
+      tail = (None,) * (a.ndim - 1)
+      a = jnp.swapaxes(a.reshape(eo, gr, gd, *a.shape[1:]), 1, 2)  # [E_o,Gd,Gr,C1,...]
+      a = _constrain(a, (_OUTER, None, _GROUPS_AFTER_OUTER) + tail)
+      a = _constrain(a, (None, _OUTER, _GROUPS_AFTER_OUTER) + tail)  # all-to-all
+      return jnp.moveaxis(a, 0, 2).reshape(g, eo, *a.shape[3:])
+
+    xo = to_outer(grouping.gather_slots(xg, outer.slot_token))  # [N, C1, D]
+    mask_i = to_outer((outer.slot_token < s).astype(jnp.float32))  # [N, C1]
+
+    # --- level 2: inner routing inside each outer group --------------------
+    xo_by_outer = self._jitter(xo.astype(jnp.float32), train).reshape(eo, gr * gd, c1, d)
+    logits_i = jnp.einsum("omcd,ode->omce", xo_by_outer, w_inner).reshape(n, c1, ei)
+    logits_i = _constrain(logits_i, (_OUTER_THEN_GROUPS, "length", None))
+    inner = routing.TokensChooseRouter(
+        num_selected_experts=k, priority=c.priority,
+        renormalize_top_k=c.renormalize_top_k).route(logits_i, mask_i, c2, rng_inner)
+    xi = grouping.gather_slots(xo, inner.slot_token)  # [N, E_i, C2, D]
+    xi = jnp.moveaxis(xi.reshape(eo, gr, gd, ei, c2, d), 3, 0)  # [E_i,E_o,Gr,Gd,C2,D]
+    layout_before = (None, _OUTER, _GROUPS_AFTER_OUTER, None, "length", None)
+    layout_expert = (_INNER, _OUTER, _GROUPS_AFTER_BOTH, None, "length", None)
+    xi = _constrain(xi, layout_before)
+    xi = _constrain(xi, layout_expert)  # all-to-all #2
+
+    # --- experts ------------------------------------------------------------
+    weights = BilevelExpertWeights(
+        num_outer=eo, num_inner=ei, d_model=d, d_ff=c.d_ff, activations=c.activations,
+        dtype=self.dtype, param_dtype=self.param_dtype, name="experts")()
+    pre = [jnp.einsum("iorgcd,oidf->iorgcf", xi, w)
+           for w in experts_lib.input_kernels(weights)]
+    h = experts_lib.hidden_activation(pre, c.activations)
+    h = _constrain(h, layout_expert[:-1] + ("mlp",))
+    rate = c.expert_dropout_rate if train else 0.0
+    h = experts_lib.dropout(h, rate, self._dropout_key(rate > 0))
+    out = jnp.einsum("iorgcf,oifd->iorgcd", h, weights["wo"])
+    out = _constrain(out, layout_expert)
+
+    # --- undo both levels ---------------------------------------------------
+    out = _constrain(out, layout_before)  # all-to-all #2 back
+    out = jnp.moveaxis(out, 0, 3).reshape(n, ei, c2, d)
+    inner_weight = regularization.mask_expert_outputs(
+        inner, "slot_weight", c.expert_output_masking_rate, deterministic,
+        self._dropout_key(train and c.expert_output_masking_rate > 0)).slot_weight
+    yo = grouping.combine_slots(out, inner.slot_token, inner_weight, c1)  # [N, C1, D]
+    yo = _constrain(yo, (_OUTER_THEN_GROUPS, "length", None))
+    y = grouping.combine_slots(from_outer(yo), outer.slot_token, outer.slot_weight, s)
+    y = regularization.mask_final_outputs(
+        y.reshape(b, l, d).astype(self.dtype), c.final_output_masking_rate,
+        deterministic, self._dropout_key(train and c.final_output_masking_rate > 0))
+    mm.sow_all(self, level_metrics(outer, inner, mask, mask_i, eo=eo, k=k))
+    return nn.with_logical_constraint(y, ("batch", "length", "embed"))
+
+  def _router_kernel(self, name, shape, axes) -> Array:
+    w = self.param(name, nn.with_logical_partitioning(
+        nn.initializers.normal(stddev=self.config.router_init_stddev), axes),
+                   shape, jnp.float32)
     return jnp.asarray(w, jnp.float32)
 
-  # --- level 1: outer routing on the source devices ------------------------
-  w_outer = kernel("router_outer_kernel", (d, eo), ("embed", "unmodeled"))
-  w_inner = kernel("router_inner_kernel", (eo, d, ei),
-                   (OUTER_LOGICAL_AXIS, "embed", "unmodeled"))
-  logits_o = jnp.einsum("bld,do->blo", jitter(x.astype(jnp.float32)), w_outer)
-  logits_o = _constrain(logits_o.reshape(g, s, eo), ("batch", "length", None))
-  outer = routing.TokensChooseRouter(
-      num_selected_experts=1, priority=c.priority).route(logits_o, mask, c1, rng_outer)
-  xg = _constrain(x.astype(layer.dtype).reshape(g, s, d), ("batch", "length", None))
-  # All-to-all #1 (and back). Groups are split as [Gd, Gr]: Gd over the outer
-  # mesh axes, Gr over the remaining batch axes, so that exchanging Gd for
-  # E_o only pairs devices along the outer axes. After the exchange a device
-  # holds one outer group's slots from every Gd; they are merged, with Gr, into
-  # N = E_o * Gr * Gd inner routing groups (sharded like the batch).
-  gd = partitioning.mesh_axis_size(
-      mesh, level_mesh_axes(nn.get_logical_axis_rules() or ())["outer"])
-  gd = gd if g % gd == 0 else 1  # G is a multiple of the batch shards: always divides
-  gr, n = g // gd, eo * g
+  def _jitter(self, v: Array, train: bool) -> Array:
+    eps = self.config.jitter_noise
+    if not train or eps <= 0:
+      return v
+    return v * jax.random.uniform(self.make_rng("jitter"), v.shape,
+                                  minval=1.0 - eps, maxval=1.0 + eps)
 
-  def to_outer(a: Array) -> Array:
-    """<T>[G, E_o, C1, ...] (group-sharded) -> <T>[N, C1, ...] at the outer group."""
-    tail = (None,) * (a.ndim - 2)
-    a = jnp.moveaxis(a.reshape(gd, gr, *a.shape[1:]), 2, 0)  # [E_o, Gd, Gr, C1, ...]
-    a = _constrain(a, (None, _OUTER, _GROUPS_AFTER_OUTER) + tail)
-    a = _constrain(a, (_OUTER, None, _GROUPS_AFTER_OUTER) + tail)  # all-to-all
-    a = jnp.swapaxes(a, 1, 2).reshape(n, *a.shape[3:])  # [N, C1, ...]
-    return _constrain(a, (_OUTER_THEN_GROUPS,) + tail)
-
-  def from_outer(a: Array) -> Array:
-    """Inverse of ``to_outer``: <T>[N, C1, ...] -> <T>[G, E_o, C1, ...]."""
-    tail = (None,) * (a.ndim - 1)
-    a = jnp.swapaxes(a.reshape(eo, gr, gd, *a.shape[1:]), 1, 2)  # [E_o,Gd,Gr,C1,...]
-    a = _constrain(a, (_OUTER, None, _GROUPS_AFTER_OUTER) + tail)
-    a = _constrain(a, (None, _OUTER, _GROUPS_AFTER_OUTER) + tail)  # all-to-all
-    return jnp.moveaxis(a, 0, 2).reshape(g, eo, *a.shape[3:])
-
-  xo = to_outer(_gather_slots(xg, outer.slot_token))  # [N, C1, D]
-  mask_i = to_outer((outer.slot_token < s).astype(jnp.float32))  # [N, C1]
-
-  # --- level 2: inner routing inside each outer group ----------------------
-  xo_by_outer = jitter(xo.astype(jnp.float32)).reshape(eo, gr * gd, c1, d)
-  logits_i = jnp.einsum("omcd,ode->omce", xo_by_outer, w_inner).reshape(n, c1, ei)
-  logits_i = _constrain(logits_i, (_OUTER_THEN_GROUPS, "length", None))
-  inner = routing.TokensChooseRouter(
-      num_selected_experts=k, priority=c.priority,
-      renormalize_top_k=c.renormalize_top_k).route(logits_i, mask_i, c2, rng_inner)
-  xi = _gather_slots(xo, inner.slot_token)  # [N, E_i, C2, D]
-  xi = jnp.moveaxis(xi.reshape(eo, gr, gd, ei, c2, d), 3, 0)  # [E_i,E_o,Gr,Gd,C2,D]
-  layout_before = (None, _OUTER, _GROUPS_AFTER_OUTER, None, "length", None)
-  layout_expert = (_INNER, _OUTER, _GROUPS_AFTER_BOTH, None, "length", None)
-  xi = _constrain(xi, layout_before)
-  xi = _constrain(xi, layout_expert)  # all-to-all #2
-
-  # --- experts --------------------------------------------------------------
-  weights = BilevelExpertWeights(
-      num_outer=eo, num_inner=ei, d_model=d, d_ff=c.d_ff, activations=c.activations,
-      dtype=layer.dtype, param_dtype=layer.param_dtype, name="experts")()
-  pre = [jnp.einsum("iorgcd,oidf->iorgcf", xi, w)
-         for w in experts_lib.input_kernels(weights)]
-  h = experts_lib.hidden_activation(pre, c.activations)
-  h = _constrain(h, layout_expert[:-1] + ("mlp",))
-  rate = c.expert_dropout_rate if train else 0.0
-  h = experts_lib.dropout(h, rate, layer.make_rng("dropout") if rate > 0 else None)
-  out = jnp.einsum("iorgcf,oifd->iorgcd", h, weights["wo"])
-  out = _constrain(out, layout_expert)
-
-  # --- undo both levels -----------------------------------------------------
-  out = _constrain(out, layout_before)  # all-to-all #2 back
-  out = jnp.moveaxis(out, 0, 3).reshape(n, ei, c2, d)
-  yo = _scatter_slots(out, inner.slot_token, inner.slot_weight, c1)  # [N, C1, D]
-  yo = _constrain(yo, (_OUTER_THEN_GROUPS, "length", None))
-  y = _scatter_slots(from_outer(yo), outer.slot_token, outer.slot_weight, s)
-  y = nn.with_logical_constraint(y.reshape(b, l, d).astype(layer.dtype),
-                                 ("batch", "length", "embed"))
-  _sow(layer, outer, inner, mask, mask_i, eo=eo, k=k)
-  return y
+  def _dropout_key(self, needed: bool) -> Optional[Array]:
+    return self.make_rng("dropout") if needed else None
 
 
-def _sow(layer, outer: routing.RoutingDecision, inner: routing.RoutingDecision,
-         mask: Array, inner_mask: Array, *, eo: int, k: int) -> None:
-  """Sows the per-level and the combined metrics into ``intermediates``.
+def level_metrics(outer: routing.RoutingDecision, inner: routing.RoutingDecision,
+                  mask: Array, inner_mask: Array, *, eo: int, k: int) -> dict[str, Array]:
+  """The per-level and the combined metrics, by ``moe_metrics`` name.
 
   Args:
     outer: the outer decision over ``[G, S, E_o]``.
@@ -332,23 +309,21 @@ def _sow(layer, outer: routing.RoutingDecision, inner: routing.RoutingDecision,
     mask: <float32>[G, S] real tokens; inner_mask: <float32>[N, C1] filled
       outer slots (the inner router's tokens).
   """
-  from moe_jax.layers import moe_config as cfg_lib  # pylint: disable=g-import-not-at-top
   n, c1 = inner_mask.shape
   ei = inner.slot_token.shape[1]
-  # inner.aux_loss is a mean over all E_o*G inner groups; average over the
-  # non-empty ones instead (an empty group has no load to balance).
+  # The inner aux loss is a mean over all E_o*G inner groups; average over
+  # the non-empty ones instead (an empty group has no load to balance).
   nonempty = jnp.sum(jnp.max(inner_mask, axis=-1))
-  aux_inner = inner.aux_loss * n / jnp.maximum(nonempty, 1.0)
-  aux_outer = outer.aux_loss
-  layer.sow("intermediates", AUX_LOSS_OUTER, aux_outer)
-  layer.sow("intermediates", AUX_LOSS_INNER, aux_inner)
-  layer.sow("intermediates", cfg_lib.AUX_LOSS, aux_outer + aux_inner)
-  layer.sow("intermediates", cfg_lib.Z_LOSS, outer.z_loss + inner.z_loss)
+  aux_inner = inner.metrics[mm.AUX_LOSS] * n / jnp.maximum(nonempty, 1.0)
+  aux_outer = outer.metrics[mm.AUX_LOSS]
   real = jnp.maximum(jnp.sum(mask) * k, 1.0)
   kept = jnp.sum((inner.slot_token < c1).astype(jnp.float32))
-  layer.sow("intermediates", cfg_lib.DROPPED_FRACTION, 1.0 - kept / real)
-  chosen = jax.nn.one_hot(inner.expert_index, ei, dtype=jnp.float32)  # [E_o*G,C1,K,E_i]
+  chosen = jax.nn.one_hot(inner.expert_index, ei, dtype=jnp.float32)  # [N, C1, K, E_i]
   chosen = chosen * inner_mask[..., None, None]
   load = jnp.sum(chosen.reshape(eo, -1, ei), axis=1).reshape(eo * ei)
-  layer.sow("intermediates", cfg_lib.EXPERT_LOAD, load / real)
-  layer.sow("intermediates", cfg_lib.ROUTER_CONFIDENCE, inner.router_confidence)
+  return {mm.AUX_LOSS_OUTER: aux_outer, mm.AUX_LOSS_INNER: aux_inner,
+          mm.AUX_LOSS: aux_outer + aux_inner,
+          mm.Z_LOSS: outer.metrics[mm.Z_LOSS] + inner.metrics[mm.Z_LOSS],
+          mm.DROPPED_FRACTION: 1.0 - kept / real,
+          mm.EXPERT_LOAD: load / real,
+          mm.ROUTER_CONFIDENCE: inner.metrics[mm.ROUTER_CONFIDENCE]}

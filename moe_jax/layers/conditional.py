@@ -32,7 +32,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax.layers import moe_config as cfg_lib
+from moe_jax.layers import moe_metrics as mm
+from moe_jax.layers import routing
 
 Array = jax.Array
 
@@ -78,21 +79,16 @@ def gate_dropout(gate: Array, rate: float, rng: Optional[Array]) -> Array:
   return jnp.where(keep, gate / (1.0 - rate), jnp.zeros_like(gate))
 
 
-def masked_mean(values: Array, padding_mask: Optional[Array]) -> Array:
-  """Mean of ``values <float>[batch, length]`` over real tokens (mask 1).
-
-  A batch with no real token gives 0.
-  """
-  values = values.astype(jnp.float32)
-  if padding_mask is None:
-    return jnp.mean(values)
-  m = padding_mask.astype(jnp.float32)
-  return jnp.sum(values * m) / jnp.maximum(jnp.sum(m), 1.0)
+def real_token_mean(values: Array, padding_mask: Optional[Array]) -> Array:
+  """Mean of ``values <float>[batch, length]`` over real tokens (mask 1);
+  a batch with no real token gives 0."""
+  return routing.masked_mean(values.astype(jnp.float32),
+                             routing.as_mask(padding_mask, values.shape), axis=None)
 
 
 def budget_loss(gate: Array, padding_mask: Optional[Array], target: float) -> Array:
   """``|mean over real tokens of gate - target|`` (scalar float32)."""
-  return jnp.abs(masked_mean(gate, padding_mask) - target)
+  return jnp.abs(real_token_mean(gate, padding_mask) - target)
 
 
 def mix(dense_out: Array, moe_out: Array, gate: Array) -> Array:
@@ -141,7 +137,6 @@ class ConditionalRoutingGate(nn.Module):
     gate = jax.nn.sigmoid(logits + jnp.asarray(bias, jnp.float32)[0])
     if not deterministic and c.gate_dropout_rate > 0:
       gate = gate_dropout(gate, c.gate_dropout_rate, self.make_rng("dropout"))
-    self.sow("intermediates", cfg_lib.CMR_BUDGET_LOSS,
-             budget_loss(gate, padding_mask, c.budget_target))
-    self.sow("intermediates", cfg_lib.CMR_GATE_MEAN, masked_mean(gate, padding_mask))
+    mm.sow_all(self, {mm.CMR_BUDGET_LOSS: budget_loss(gate, padding_mask, c.budget_target),
+                      mm.CMR_GATE_MEAN: real_token_mean(gate, padding_mask)})
     return gate

@@ -23,21 +23,31 @@ from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+
 from jax.sharding import PartitionSpec as P
 
 from moe_jax.layers import blocked_ffn
+from moe_jax.layers import ep_exchange
+from moe_jax.layers import expert_parallel
 from moe_jax.layers import experts as experts_lib
 from moe_jax.layers import grouped_matmul as gmm_lib
-from moe_jax.partitioning import BATCH_MESH_AXES
 
 Array = jax.Array
 
 
-def expert_weight_specs(weights: dict) -> dict:
-  """shard_map specs of the stacked expert weights: experts over 'expert',
-  the hidden dimension over 'model'."""
-  return {name: (P("expert", "model", None) if name == "wo"
-                 else P("expert", None, "model")) for name in weights}
+def fold_in_device(rng: Array, mesh: Any) -> Array:
+  """Inside ``shard_map``: ``rng`` folded with this device's mesh coordinates
+  (every axis of size > 1, in mesh order), so devices draw independently."""
+  for axis, size in dict(mesh.shape).items():
+    if size > 1:
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis))
+  return rng
+
+
+def kernel_for(mesh: Optional[Any]) -> str:
+  """Grouped-matmul kernel of the mesh's platform: the blocked CPU loop on
+  CPU, ``ragged_dot`` / tokamax on TPU and GPU (``grouped_matmul.py``)."""
+  return "cpu" if expert_parallel.platform(mesh) == "cpu" else "ragged"
 
 
 def local_expert_mlp(x, expert_index, expert_weight, weights, *, activations,
@@ -81,7 +91,6 @@ def local_expert_mlp(x, expert_index, expert_weight, weights, *, activations,
   row_weight = jnp.zeros((num_rows,), x.dtype).at[dest].set(
       weight[order].astype(x.dtype), mode="drop")
 
-  backend = backend or ("cpu" if jax.default_backend() == "cpu" else "ragged")
   if backend == "cpu":
     return blocked_ffn.expert_ffn_rows(x, row_token, row_weight, layout, weights,
                                        activations, dropout_rate, dropout_rng)
@@ -102,53 +111,121 @@ def dropless_moe(x: Array, expert_index: Array, expert_weight: Array,
                  weights: dict[str, Array], *, activations: Sequence[str],
                  num_experts: int, block: int, mesh: Optional[Any],
                  dropout_rate: float = 0.0, dropout_rng: Optional[Array] = None,
-                 backend: Optional[str] = None) -> Array:
+                 backend: Optional[str] = None, exchange: str = "all_gather",
+                 buffer_factor: float = 2.0) -> tuple[Array, Array]:
   """Dropless MoE over flat tokens.
 
   Args:
-    x: <float>[T, D], batch-sharded over ``('data', 'fsdp', 'expert')``.
+    x: <float>[T, D], batch-sharded over the logical ``batch`` axes.
     expert_index: <int32>[T, K]; expert_weight: <float>[T, K].
     weights: stacked expert weights (``ExpertWeights``).
     mesh: the current mesh, or None for a single-device computation.
+    backend: grouped-matmul kernel (``grouped_matmul.py``); default: by the
+      platform of ``mesh``'s devices.
+    exchange: how tokens reach the expert shards: ``"all_gather"``,
+      ``"all_to_all"`` or ``"ragged"`` (``ep_exchange.py``).
+    buffer_factor: receive-buffer size of the last two, in multiples of the
+      balanced load.
 
   Returns:
-    <float>[T, D].
+    ``(y <float>[T, D], overflow <float32>[])``: the fraction of real
+    assignments that did not fit the exchange buffers (always 0 for
+    ``"all_gather"`` and without a mesh).
   """
+  if exchange not in ep_exchange.EXCHANGES:
+    raise ValueError(f"Unknown dropless exchange {exchange!r}; use one of "
+                     f"{ep_exchange.EXCHANGES}.")
+  backend = backend or kernel_for(mesh)
   kwargs = dict(activations=tuple(activations), block=block,
                 dropout_rate=dropout_rate, backend=backend)
+  none = jnp.zeros((), jnp.float32)
   if mesh is None:
     return local_expert_mlp(x, expert_index, expert_weight, weights,
-                             num_experts_local=num_experts, expert_offset=0,
-                             dropout_rng=dropout_rng, **kwargs)
-  shape = dict(mesh.shape)
-  n_expert = shape.get("expert", 1)
-  n_model = shape.get("model", 1)
+                            num_experts_local=num_experts, expert_offset=0,
+                            dropout_rng=dropout_rng, **kwargs), none
+  axes = expert_parallel.ExpertParallelAxes.from_rules()
+  n_expert, n_model = axes.sizes(mesh)
+  expert_axis = axes.collective_axis(axes.expert)
+  model_axis = axes.collective_axis(axes.model)
+  batch_axis = axes.collective_axis(axes.batch)
   e_local = num_experts // n_expert
+  if n_expert == 1:
+    exchange = "all_gather"  # nothing to exchange: every expert is local
 
-  def body(x, idx, wt, weights):
+  def mlp(rows, local_expert, weights, rng):
+    """Results of received rows <float>[R, D] with local experts <int32>[R]
+    (-1 = empty row, left zero), by this shard's expert ``weights``."""
+    return local_expert_mlp(rows, local_expert[:, None],
+                            (local_expert >= 0).astype(rows.dtype)[:, None], weights,
+                            num_experts_local=e_local, expert_offset=0,
+                            dropout_rng=rng, **kwargs)
+
+  def gather_body(x, idx, wt, weights, rng):
     if n_expert > 1:
-      x = jax.lax.all_gather(x, "expert", axis=0, tiled=True)
-      idx = jax.lax.all_gather(idx, "expert", axis=0, tiled=True)
-      wt = jax.lax.all_gather(wt, "expert", axis=0, tiled=True)
-      offset = jax.lax.axis_index("expert") * e_local
+      x = jax.lax.all_gather(x, expert_axis, axis=0, tiled=True)
+      idx = jax.lax.all_gather(idx, expert_axis, axis=0, tiled=True)
+      wt = jax.lax.all_gather(wt, expert_axis, axis=0, tiled=True)
+      offset = jax.lax.axis_index(expert_axis) * e_local
     else:
       offset = 0
-    rng = None
-    if dropout_rng is not None:
-      rng = dropout_rng
-      for axis in ("data", "fsdp", "expert", "model"):
-        if shape.get(axis, 1) > 1:
-          rng = jax.random.fold_in(rng, jax.lax.axis_index(axis))
     y = local_expert_mlp(x, idx, wt, weights, num_experts_local=e_local,
-                          expert_offset=offset, dropout_rng=rng, **kwargs)
+                         expert_offset=offset, dropout_rng=rng, **kwargs)
     if n_model > 1:
-      y = jax.lax.psum(y, "model")
+      y = jax.lax.psum(y, model_axis)
     if n_expert > 1:
-      y = jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
-    return y
+      y = jax.lax.psum_scatter(y, expert_axis, scatter_dimension=0, tiled=True)
+    return y, jnp.zeros((), jnp.int32)
 
-  tok_spec = P(BATCH_MESH_AXES, None)
+  def all_to_all_body(x, idx, wt, weights, rng):
+    (t, k), d = idx.shape, x.shape[-1]
+    p = ep_exchange.plan(idx, wt, e_local, n_expert)
+    rows = ep_exchange.buffer_rows(t, k, n_expert, buffer_factor)
+    send_x, send_e, overflow = ep_exchange.padded_send(x, p, k, rows)
+    a2a = lambda v: jax.lax.all_to_all(v, expert_axis, 0, 0, tiled=True)  # noqa: E731
+    y_rows = mlp(a2a(send_x).reshape(-1, d), a2a(send_e).reshape(-1), weights, rng)
+    back = a2a(y_rows.reshape(n_expert, rows, d)).reshape(-1, d)
+    return ep_exchange.unpermute(back, ep_exchange.padded_positions(p, rows), wt), overflow
+
+  def ragged_body(x, idx, wt, weights, rng):
+    (t, k), d = idx.shape, x.shape[-1]
+    p = ep_exchange.plan(idx, wt, e_local, n_expert)
+    capacity = ep_exchange.receive_rows(t, k, n_expert, buffer_factor)
+    me = jax.lax.axis_index(expert_axis)
+    o = ep_exchange.ragged_offsets(
+        jax.lax.all_gather(p.counts, expert_axis), me, capacity)
+    starts_matrix = jax.lax.all_gather(p.starts, expert_axis)  # [src, dst]
+    sorted_x = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[
+        jnp.minimum(p.order // k, t)]
+    sorted_e = p.local_expert[p.order]
+
+    def send(operand, output):
+      return jax.lax.ragged_all_to_all(operand, output, p.starts, o["send_sizes"],
+                                       o["output_offsets"], o["recv_sizes"],
+                                       axis_name=expert_axis)
+
+    recv_e = send(jnp.where(sorted_e < e_local, sorted_e, -1),
+                  jnp.full((capacity,), -1, jnp.int32))
+    y_rows = mlp(send(sorted_x, jnp.zeros((capacity, d), x.dtype)), recv_e, weights, rng)
+    back = jax.lax.ragged_all_to_all(
+        y_rows, jnp.zeros((p.order.shape[0], d), y_rows.dtype), o["recv_offsets"],
+        o["recv_sizes"], starts_matrix[:, me], o["send_sizes"], axis_name=expert_axis)
+    positions = ep_exchange.ragged_positions(p, o["send_sizes"])
+    return ep_exchange.unpermute(back, positions, wt), o["overflow"]
+
+  body_of = {"all_gather": gather_body, "all_to_all": all_to_all_body,
+             "ragged": ragged_body}[exchange]
+
+  def body(x, idx, wt, weights):
+    rng = None if dropout_rng is None else fold_in_device(dropout_rng, mesh)
+    y, overflow = body_of(x, idx, wt, weights, rng)
+    if exchange != "all_gather" and n_model > 1:
+      y = jax.lax.psum(y, model_axis)
+    real = jnp.sum((wt != 0).astype(jnp.float32))
+    totals = jax.lax.psum(jnp.stack([overflow.astype(jnp.float32), real]), batch_axis)
+    return y, totals[0] / jnp.maximum(totals[1], 1.0)
+
+  tok_spec = axes.token_spec()
   fn = jax.shard_map(body, mesh=mesh,
-                     in_specs=(tok_spec, tok_spec, tok_spec, expert_weight_specs(weights)),
-                     out_specs=tok_spec, check_vma=False)
+                     in_specs=(tok_spec, tok_spec, tok_spec, axes.weight_specs(weights)),
+                     out_specs=(tok_spec, P()), check_vma=False)
   return fn(x, expert_index, expert_weight, weights)

@@ -34,6 +34,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from moe_jax.layers import moe_metrics as mm
 from moe_jax.layers import routing
 from moe_jax.layers import schedule
 
@@ -73,23 +74,18 @@ def select_experts(gates: Array, threshold: float) -> Array:
   return (gates > threshold) | best
 
 
-def experts_per_token(decision: routing.RoutingDecision, padding_mask: Optional[Array],
-                      tokens_per_group: int) -> Array:
+def experts_per_token(slot_token: Array, mask: Array) -> Array:
   """Mean number of experts a real token reaches (<float32>[]).
 
-  Counts the filled slots of the decision (after capacity, so drops lower
-  it): ``k`` minus drops for top-k, between 1 and ``E`` for this gate.
+  Counts the filled slots (after capacity, so drops lower it): ``k`` minus
+  drops for top-k, between 1 and ``E`` for this gate.
 
   Args:
-    decision: a capacity-based decision (``slot_token`` <int32>[G, E, C]).
-    padding_mask: <float>[G, S] or None (all tokens real).
-    tokens_per_group: ``S`` (the empty-slot marker in ``slot_token``).
+    slot_token: <int32>[G, E, C] of a capacity-based decision.
+    mask: <float>[G, S], 1 for real tokens; ``S`` is the empty-slot marker.
   """
-  filled = jnp.sum((decision.slot_token < tokens_per_group).astype(jnp.float32))
-  g = decision.slot_token.shape[0]
-  tokens = (g * tokens_per_group if padding_mask is None
-            else jnp.sum(padding_mask.astype(jnp.float32)))
-  return filled / jnp.maximum(tokens, 1.0)
+  filled = jnp.sum((slot_token < mask.shape[1]).astype(jnp.float32))
+  return filled / jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,18 +108,25 @@ class DenseToSparseRouter:
   threshold: float = 0.02
   train_capacity: str = "all_tokens"
 
+  def rng_mode(self, train: bool) -> Optional[str]:
+    """The Gumbel noise needs a fresh key in training; eval takes none."""
+    return "stream" if train else None
+
   def route(self, logits: Array, padding_mask: Optional[Array], capacity: int,
             rng: Optional[Array] = None) -> routing.RoutingDecision:
     """See ``routing.Router``. ``rng`` given = training (Gumbel gate);
     ``rng=None`` = eval (plain top-k with ``capacity``)."""
+    g, s, _ = logits.shape
+    mask = routing.as_mask(padding_mask, (g, s))
     if rng is None:
-      return routing.TokensChooseRouter(
+      decision = routing.TokensChooseRouter(
           num_selected_experts=self.num_selected_experts,
           renormalize_top_k=self.renormalize_top_k).route(logits, padding_mask, capacity)
+      return decision.replace(metrics={
+          **decision.metrics,
+          mm.EXPERTS_PER_TOKEN: experts_per_token(decision.slot_token, mask)})
     logits = logits.astype(jnp.float32)
-    g, s, e = logits.shape
-    mask = (jnp.ones((g, s), jnp.float32) if padding_mask is None
-            else padding_mask.astype(jnp.float32))
+    e = logits.shape[-1]
     tau = temperature(schedule.current_step(), self.tau_start, self.tau_end,
                       self.anneal_steps, self.anneal_schedule)
     gates = gumbel_gates(logits, jax.random.gumbel(rng, logits.shape, jnp.float32), tau)
@@ -152,27 +155,14 @@ class DenseToSparseRouter:
     # (sum_e f_e = experts per token); P_e = mean clean router probability.
     f = routing.masked_mean(selected_f, mask[..., None], axis=1)  # [G, E]
     p = routing.masked_mean(probs, mask[..., None], axis=1)  # [G, E]
-    return routing.RoutingDecision(
-        slot_token=slot_token.reshape(g, e, cap),
-        slot_weight=slot_weight.reshape(g, e, cap),
-        expert_index=order,
-        expert_weight=kept_gate,
-        aux_loss=jnp.mean(jnp.sum(f * p, axis=-1)) * e,
-        z_loss=routing.router_z_loss(logits, mask),
+    slot_token = slot_token.reshape(g, e, cap)
+    metrics = routing.standard_metrics(
+        probs, logits, mask, aux_loss=jnp.mean(jnp.sum(f * p, axis=-1)) * e,
         dropped_fraction=1.0 - jnp.sum(keep.astype(jnp.float32)) / n_selected,
-        expert_load=kept_per_expert / jnp.maximum(jnp.sum(kept_per_expert), 1.0),
-        router_confidence=routing.masked_mean(probs.max(-1), mask, axis=(0, 1)),
-    )
+        expert_load=kept_per_expert / jnp.maximum(jnp.sum(kept_per_expert), 1.0))
+    metrics[mm.EXPERTS_PER_TOKEN] = experts_per_token(slot_token, mask)
+    return routing.RoutingDecision(
+        slot_token=slot_token, slot_weight=slot_weight.reshape(g, e, cap),
+        expert_index=order, expert_weight=kept_gate, probs=probs, token_mask=mask,
+        metrics=metrics, token_slot=slot.astype(jnp.int32))
 
-
-def from_config(config) -> DenseToSparseRouter:
-  """The router a ``MoeConfig`` with ``router_type='dense_to_sparse'`` asks for."""
-  return DenseToSparseRouter(
-      num_selected_experts=config.num_selected_experts,
-      renormalize_top_k=config.renormalize_top_k,
-      tau_start=config.dts_tau_start,
-      tau_end=config.dts_tau_end,
-      anneal_steps=config.dts_anneal_steps,
-      anneal_schedule=config.dts_anneal_schedule,
-      threshold=config.dts_threshold,
-      train_capacity=config.dts_train_capacity)

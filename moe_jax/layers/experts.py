@@ -42,11 +42,12 @@ def activation_fn(name: str) -> Callable[[Array], Array]:
         f"Unknown activation {name!r}; choose from {sorted(_ACTIVATIONS)}.") from None
 
 
-def expert_kernel_init(in_axis: int = -2, out_axis: int = -1):
-  """T5-style fan-in truncated normal, with the leading expert dim as batch."""
+def expert_kernel_init(in_axis: int = -2, out_axis: int = -1,
+                       batch_axis: tuple[int, ...] = (0,)):
+  """T5-style fan-in truncated normal; the leading expert dim(s) are batch."""
   return nn.initializers.variance_scaling(
       1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis,
-      batch_axis=(0,))
+      batch_axis=batch_axis)
 
 
 class ExpertWeights(nn.Module):

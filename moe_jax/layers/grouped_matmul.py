@@ -128,20 +128,20 @@ def _ragged_dot(lhs, rhs, group_sizes):
 
 
 def grouped_matmul(lhs: Array, rhs: Array, layout: BlockLayout,
-                   backend: str | None = None) -> Array:
+                   backend: str) -> Array:
   """Grouped matmul over a block layout.
 
   Args:
     lhs: <float>[M, K] rows sorted by group, groups block-aligned, zero padding.
     rhs: <float>[G, K, N] one matrix per group.
     layout: from ``make_block_layout``.
-    backend: ``"cpu"`` (blocked loop), ``"ragged"`` (ragged_dot / tokamax) or
-      None for the default backend's choice.
+    backend: ``"cpu"`` (blocked loop) or ``"ragged"`` (ragged_dot / tokamax);
+      choose by the platform of the mesh's devices (``dropless.kernel_for``),
+      not ``jax.default_backend()``, which is the host's under ``moe-compile``.
 
   Returns:
     <float>[M, N]; rows outside the used blocks are zero.
   """
-  backend = backend or ("cpu" if jax.default_backend() == "cpu" else "ragged")
   if backend == "cpu":
     return _cpu_gmm(lhs, rhs, layout.block_group, layout.num_blocks, layout.block)
   if backend == "ragged":

@@ -18,9 +18,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Sequence
 
-ROUTER_TYPES = ("tokens_choose", "experts_choose")
-ROUTER_TYPES = ROUTER_TYPES + ("dense_to_sparse",)  # DTS-Gate (layers/dts_gate.py)
+# The registered routers (layers/routers.py; tests check the two agree).
+ROUTER_TYPES = ("tokens_choose", "experts_choose", "dense_to_sparse")
 PRIORITIES = ("position", "batch_prioritized", "random")
+# layers/dispatch.py strategies (tests check the two agree).
+DISPATCH_STRATEGIES = ("auto", "scatter", "gather", "einsum", "sort")
+# layers/ep_exchange.py exchanges of the dropless compute.
+DROPLESS_EXCHANGES = ("auto", "all_gather", "all_to_all", "ragged")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,9 +58,22 @@ class MoeConfig:
       router input during training (Switch); uses the ``"jitter"`` RNG stream.
     activations: expert MLP activations; two entries make a gated MLP (T5
       v1.1: ``("gelu", "linear")``), one a plain MLP (``("relu",)``).
+    dispatch: how the capacity compute fills expert slots and combines them
+      (``dispatch.py``): ``"scatter"``, ``"gather"``, ``"einsum"``, ``"sort"``
+      or ``"auto"`` (the measured fastest on the mesh's platform). All give
+      the same outputs and collectives.
     dropless: MegaBlocks-style dropless routing (tokens-choose only): tokens
       sorted by expert and computed with a grouped matmul; capacity unused.
     dropless_block_size: row-block size of the grouped matmul on CPU.
+    dropless_exchange: how the dropless compute moves tokens to the expert
+      shards (``ep_exchange.py``): ``"all_gather"`` (every shard sees every
+      token; fine at small expert parallelism), ``"all_to_all"`` (a
+      fixed-size buffer per peer), ``"ragged"`` (``ragged_all_to_all``,
+      TPU/GPU), or ``"auto"``: ragged on TPU/GPU, all_to_all on CPU.
+    dropless_buffer_factor: receive buffer of the all_to_all / ragged
+      exchanges in multiples of the balanced load (``T * K / EP`` rows per
+      peer); assignments beyond it are not computed and are reported as
+      ``dropped_fraction``.
     expert_dropout_rate: dropout inside the experts (on the hidden layer),
       separate from the model's dropout (Switch: 0.4 for fine-tuning).
     router_bias: add a bias to the router logits.
@@ -119,8 +136,11 @@ class MoeConfig:
   renormalize_top_k: bool = True
   jitter_noise: float = 0.0
   activations: Sequence[str] = ("gelu", "linear")
+  dispatch: str = "auto"
   dropless: bool = False
   dropless_block_size: int = 128
+  dropless_exchange: str = "auto"
+  dropless_buffer_factor: float = 2.0
   expert_dropout_rate: float = 0.0
   router_bias: bool = False
   router_init_stddev: float = 0.02
@@ -156,6 +176,15 @@ class MoeConfig:
     if self.router_type not in ROUTER_TYPES:
       raise ValueError(
           f"router_type={self.router_type!r} is unknown; use one of {ROUTER_TYPES}.")
+    if self.dropless_exchange not in DROPLESS_EXCHANGES:
+      raise ValueError(f"dropless_exchange={self.dropless_exchange!r} is unknown; "
+                       f"use one of {DROPLESS_EXCHANGES}.")
+    if self.dropless_buffer_factor <= 0:
+      raise ValueError(f"dropless_buffer_factor={self.dropless_buffer_factor} must "
+                       "be > 0 (2.0: room for twice the balanced load).")
+    if self.dispatch not in DISPATCH_STRATEGIES:
+      raise ValueError(
+          f"dispatch={self.dispatch!r} is unknown; use one of {DISPATCH_STRATEGIES}.")
     if self.priority not in PRIORITIES:
       raise ValueError(
           f"priority={self.priority!r} is unknown; use one of {PRIORITIES}.")
@@ -202,7 +231,7 @@ class MoeConfig:
           "routing_level='task' needs num_route_ids >= 1 (the largest route id "
           f"in the data; got {self.num_route_ids}) and router_type="
           f"'tokens_choose' (got {self.router_type!r}).")
-    if self.routing_level == "task" and getattr(self, "bilevel_outer_size", 0):
+    if self.routing_level == "task" and self.bilevel_outer_size:
       raise ValueError("routing_level='task' does not combine with bi-level "
                        "routing (bilevel_outer_size); set one of them off.")
     if self.bilevel_outer_size:  # Bi-level routing (SMILE; bilevel.py)
@@ -214,8 +243,6 @@ class MoeConfig:
           ("router_type='experts_choose'", self.router_type != "tokens_choose"),
           ("dropless", self.dropless), ("gating_dropout_rate", self.gating_dropout_rate),
           ("num_expert_clusters", self.num_expert_clusters),
-          ("expert_output_masking_rate", self.expert_output_masking_rate),
-          ("final_output_masking_rate", self.final_output_masking_rate),
           ("router_bias", self.router_bias),
           ("routing_level='task'", self.routing_level != "token")) if on]
       if clashes:
@@ -238,7 +265,7 @@ class MoeConfig:
     if self.shared_core_rank < 0:
       raise ValueError(f"shared_core_rank={self.shared_core_rank} must be >= 0 "
                        "(0 turns shared-core experts off).")
-    if self.shared_core_rank and getattr(self, "bilevel_outer_size", 0):
+    if self.shared_core_rank and self.bilevel_outer_size:
       raise ValueError("shared_core_rank > 0 is not supported with bi-level routing "
                        "(bilevel_outer_size > 0 builds its own expert weights); "
                        "set one of them to 0.")
@@ -249,21 +276,3 @@ class MoeConfig:
           "router_type='tokens_choose' in causal (decoder) stacks; "
           "experts-choose is for encoders.")
 
-
-# Names of the values MoeLayer sows into the "intermediates" collection.
-# Losses are *unweighted*; the model multiplies them by its loss factors.
-AUX_LOSS = "aux_loss"                # scalar, Switch load-balancing loss
-Z_LOSS = "z_loss"                    # scalar, router z-loss
-DROPPED_FRACTION = "dropped_fraction"  # scalar, fraction of assignments dropped
-EXPERT_LOAD = "expert_load"          # [E], fraction of assignments per expert
-ROUTER_CONFIDENCE = "router_confidence"  # scalar, mean top-1 router probability
-CLUSTER_LOSS = "cluster_loss"        # scalar, MoEC variance loss (only when clusters are on)
-# Conditional MoE Routing (layers/conditional.py; sown by its gate, only when on).
-CMR_BUDGET_LOSS = "cmr_budget_loss"  # scalar, |mean gate over real tokens - target|
-CMR_GATE_MEAN = "cmr_gate_mean"      # scalar, mean CMR gate over real tokens
-METRIC_NAMES = (AUX_LOSS, Z_LOSS, DROPPED_FRACTION, EXPERT_LOAD, ROUTER_CONFIDENCE)
-# Dense-to-sparse gate (layers/dts_gate.py; sown only with router_type="dense_to_sparse").
-EXPERTS_PER_TOKEN = "experts_per_token"  # scalar, mean experts a real token reaches
-METRIC_NAMES = METRIC_NAMES + (EXPERTS_PER_TOKEN,)
-# Logged when present: the CMR gate's mean and bi-level routing's per-level losses.
-METRIC_NAMES = METRIC_NAMES + (CMR_GATE_MEAN, "aux_loss_outer", "aux_loss_inner")

@@ -7,21 +7,16 @@ All are off by default (``MoeConfig``); each is a small pure function:
   ``1-p`` in eval (dropout without the inverted scaling).
 * ``cluster_variance_loss`` and ``reroute_within_cluster`` -- Mixture of
   Expert Clusters (Xie et al., AAAI 2023).
-* ``local_expert_moe`` -- the Gate-Drop branch of Gating Dropout (Liu et al.,
-  ICML 2022): tokens are served by the experts on their own device, so the
-  branch contains no all-to-all.
+
+Gating Dropout's compute paths are in ``computes.py`` / ``local_experts.py``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
-
-from moe_jax.layers import dropless as dropless_lib
-from moe_jax.partitioning import BATCH_MESH_AXES
 
 Array = jax.Array
 
@@ -89,50 +84,24 @@ def reroute_within_cluster(expert_index: Array, num_experts: int,
   return jnp.where(drop, sibling, expert_index).astype(expert_index.dtype)
 
 
-def local_expert_moe(x: Array, probs: Array, mask: Array, weights: dict, *, k: int,
-                     num_experts: int, activations: Sequence[str], block: int,
-                     mesh: Optional[Any], renormalize: bool = True) -> Array:
-  """Gate-Drop: every device serves its tokens with its own experts only.
-
-  The router probabilities are restricted to the device's local experts; each
-  token takes its top-``min(k, E_local)`` of those (renormalized), computed
-  dropless. No all-to-all or all-gather: only a psum over ``model`` when the
-  experts' hidden dimension is sharded.
+def mask_expert_outputs(decision, weight_field: str, rate: float, deterministic: bool,
+                        rng: Optional[Array]):
+  """EOM as a decision transform: masks the combine weights the compute reads.
 
   Args:
-    x: <float>[T, D] batch-sharded tokens; probs: <float32>[T, E] router probs;
-    mask: <float32>[T, 1], 0 for padding (served by no expert).
-  Returns:
-    <float>[T, D].
+    decision: a ``routing.RoutingDecision``.
+    weight_field: ``"slot_weight"`` (capacity computes, <float>[G, E, C]) or
+      ``"expert_weight"`` (dropless computes, <float>[G, S, K]).
   """
-  shape = dict(mesh.shape) if mesh is not None else {}
-  n_expert = shape.get("expert", 1)
-  n_model = shape.get("model", 1)
-  e_local = num_experts // n_expert
-  k_local = min(k, e_local)
+  if rate <= 0.0:
+    return decision
+  return decision.replace(**{weight_field: output_mask(
+      getattr(decision, weight_field), rate, deterministic, rng)})
 
-  def body(x, probs, mask, weights):
-    if n_expert > 1:
-      start = jax.lax.axis_index("expert") * e_local
-      local = jax.lax.dynamic_slice_in_dim(probs, start, e_local, axis=1)
-    else:
-      local = probs
-    gate, idx = jax.lax.top_k(local, k_local)
-    if renormalize:
-      gate = gate / jnp.maximum(jnp.sum(gate, axis=-1, keepdims=True), 1e-9)
-    gate = gate * mask
-    y = dropless_lib.local_expert_mlp(
-        x, idx.astype(jnp.int32), gate.astype(x.dtype), weights,
-        activations=tuple(activations), num_experts_local=e_local,
-        expert_offset=0, block=block, dropout_rate=0.0, dropout_rng=None,
-        backend=None)
-    if n_model > 1:
-      y = jax.lax.psum(y, "model")
+
+def mask_final_outputs(y: Array, rate: float, deterministic: bool,
+                       rng: Optional[Array]) -> Array:
+  """FOM as an output transform: a token's whole output, <float>[b, l, D]."""
+  if rate <= 0.0:
     return y
-
-  if mesh is None:
-    return body(x, probs, mask, weights)
-  tok = P(BATCH_MESH_AXES, None)
-  return jax.shard_map(body, mesh=mesh,
-                       in_specs=(tok, tok, tok, dropless_lib.expert_weight_specs(weights)),
-                       out_specs=tok, check_vma=False)(x, probs, mask, weights)
+  return y * output_mask(jnp.ones(y.shape[:-1] + (1,), y.dtype), rate, deterministic, rng)

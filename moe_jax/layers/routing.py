@@ -1,15 +1,18 @@
 """Routers: from router logits to a routing decision, plus auxiliary losses.
 
-Every router implements one interface::
+Every router implements one interface (:class:`Router`)::
 
     router.route(logits, padding_mask, capacity, rng) -> RoutingDecision
+    router.rng_mode(train) -> None | "stream" | "fixed"
 
 where ``logits`` is ``<float32>[groups, tokens_per_group, experts]`` and the
 decision says, for every expert *slot*, which token of the group fills it and
-with what combine weight. The MoE layer dispatches by gathering tokens into
-slots and combines by summing weighted expert outputs back onto tokens; it
-never builds one-hot ``[groups, tokens, experts, capacity]`` masks, so
-dispatch costs memory moves, not matmul FLOPs.
+with what combine weight (for the capacity computes), and for every token
+which experts it chose with what weight (for the dropless computes).
+``rng_mode`` tells the layer which key to pass: ``"stream"`` a fresh key of
+the ``"routing"`` RNG stream, ``"fixed"`` a constant key, ``None`` none. The
+layer never special-cases a router: ``routers.py`` maps
+``MoeConfig.router_type`` to one.
 
 Routers here:
   * ``TokensChooseRouter`` -- each token picks its top-k experts (k=1 Switch,
@@ -19,18 +22,20 @@ Routers here:
   * ``ExpertsChooseRouter`` -- each expert picks its top-C tokens (Zhou et
     al. 2022). Not causal: encoder only.
 
-All computation is float32, whatever the activation dtype.
+The dense-to-sparse gate is in ``dts_gate.py``. All computation is float32,
+whatever the activation dtype; metric names come from ``moe_metrics.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Protocol
+from typing import Mapping, Optional, Protocol
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
+from moe_jax.layers import moe_metrics as mm
 from moe_jax.layers import regularization
 
 Array = jax.Array
@@ -38,49 +43,74 @@ Array = jax.Array
 
 @flax.struct.dataclass
 class RoutingDecision:
-  """What the MoE layer needs to dispatch and combine.
+  """What the expert computes need to dispatch and combine.
 
   Attributes:
     slot_token: <int32>[G, E, C] token index (within its group) filling each
       expert slot; ``tokens_per_group`` (one past the end) marks an empty slot.
     slot_weight: <float32>[G, E, C] combine weight of each slot (0 if empty).
     expert_index: <int32>[G, S, K] the experts each token chose (tokens-choose
-      only, else None); used by dropless routing.
+      routers; None for experts-choose); used by the dropless computes.
     expert_weight: <float32>[G, S, K] their combine weights, 0 for padding.
-    aux_loss: <float32>[] load-balancing loss (unweighted).
-    z_loss: <float32>[] router z-loss (unweighted).
-    dropped_fraction: <float32>[] fraction of real assignments dropped.
-    expert_load: <float32>[E] fraction of assignments routed to each expert.
-    router_confidence: <float32>[] mean top-1 router probability.
-    cluster_loss: <float32>[] MoEC variance loss (0 when clusters are off).
+    probs: <float32>[G, S, E] router probabilities (softmax of the logits).
+    token_mask: <float32>[G, S], 1 for real tokens, 0 for padding.
+    metrics: unweighted values to sow, by ``moe_metrics`` name: ``aux_loss``,
+      ``z_loss``, ``dropped_fraction``, ``expert_load`` <float32>[E],
+      ``router_confidence``, and router-specific ones.
+    token_slot: <int32>[G, S, K] flat slot ``expert * C + position`` of each
+      assignment, ``E * C`` when it was dropped: the inverse of
+      ``slot_token`` (each filled slot has exactly one assignment). Routers
+      whose tokens reach a bounded number of experts give it (tokens choose);
+      None otherwise. The gather dispatch uses it to avoid scatters.
   """
   slot_token: Optional[Array]
   slot_weight: Optional[Array]
   expert_index: Optional[Array]
   expert_weight: Optional[Array]
-  aux_loss: Array
-  z_loss: Array
-  dropped_fraction: Array
-  expert_load: Array
-  router_confidence: Array
-  cluster_loss: Array = flax.struct.field(default_factory=lambda: jnp.zeros((), jnp.float32))
+  probs: Array
+  token_mask: Array
+  metrics: Mapping[str, Array]
+  token_slot: Optional[Array] = None
 
 
 class Router(Protocol):
   """The interface every router implements."""
+
+  def rng_mode(self, train: bool) -> Optional[str]:
+    """``None``, ``"stream"`` (a fresh ``"routing"`` key) or ``"fixed"``."""
+    ...
 
   def route(self, logits: Array, padding_mask: Optional[Array], capacity: int,
             rng: Optional[Array]) -> RoutingDecision:
     ...
 
 
-def expert_capacity(tokens_per_group: int, num_experts: int, k: int,
-                    capacity_factor: float, min_capacity: int) -> int:
-  """GShard/DeepSpeed capacity: ``ceil(cf * k * S / E)``, floored, at most S."""
-  import math  # pylint: disable=g-import-not-at-top
-  cap = math.ceil(capacity_factor * k * tokens_per_group / num_experts)
-  cap = max(cap, min_capacity)
-  return max(1, min(cap, tokens_per_group))
+def top_k(x: Array, k: int) -> tuple[Array, Array]:
+  """``jax.lax.top_k`` along the last axis, partitioned like the rest.
+
+  XLA's TopK is not split along the leading (group) dimensions by the SPMD
+  partitioner: a sharded ``[G, S, E]`` input is all-gathered and every
+  device ranks the whole global batch. This version is made of argmax
+  reductions (``k <= 8``) or a stable sort, both of which keep the group
+  dimension sharded. Same values, same indices, same tie-break (the lower
+  index first) as ``lax.top_k``.
+
+  Args:
+    x: <float>[..., N]; k: how many, ``<= N``.
+  Returns:
+    ``(values <float>[..., k], indices <int32>[..., k])``, largest first.
+  """
+  if k <= 8:
+    remaining, values, indices = x, [], []
+    for _ in range(k):
+      index = jnp.argmax(remaining, axis=-1)
+      values.append(jnp.take_along_axis(x, index[..., None], axis=-1)[..., 0])
+      indices.append(index)
+      taken = jax.nn.one_hot(index, x.shape[-1], dtype=jnp.bool_)
+      remaining = jnp.where(taken, -jnp.inf, remaining)
+    return jnp.stack(values, axis=-1), jnp.stack(indices, axis=-1).astype(jnp.int32)
+  order = jnp.argsort(-x, axis=-1, stable=True)[..., :k].astype(jnp.int32)
+  return jnp.take_along_axis(x, order, axis=-1), order
 
 
 def masked_mean(x: Array, mask: Array, axis) -> Array:
@@ -191,13 +221,37 @@ def _priority_rank(top1_prob: Array, mask: Array, priority: str,
   return rank.astype(jnp.int32)
 
 
+def standard_metrics(probs: Array, logits: Array, mask: Array, *, aux_loss: Array,
+                     dropped_fraction: Array, expert_load: Array) -> dict[str, Array]:
+  """The metrics every router reports, by ``moe_metrics`` name.
+
+  Args:
+    probs, logits: <float32>[G, S, E]; mask: <float32>[G, S].
+    aux_loss, dropped_fraction: <float32>[]; expert_load: <float32>[E].
+  """
+  return {mm.AUX_LOSS: aux_loss,
+          mm.Z_LOSS: router_z_loss(logits, mask),
+          mm.DROPPED_FRACTION: dropped_fraction,
+          mm.EXPERT_LOAD: expert_load,
+          mm.ROUTER_CONFIDENCE: masked_mean(probs.max(-1), mask, axis=(0, 1))}
+
+
+def as_mask(padding_mask: Optional[Array], shape: tuple[int, int]) -> Array:
+  """<float32>[G, S]: the padding mask, or all ones without one."""
+  if padding_mask is None:
+    return jnp.ones(shape, jnp.float32)
+  return padding_mask.astype(jnp.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class TokensChooseRouter:
   """Each token chooses its top-k experts, subject to expert capacity.
 
   Assignments claim slots in this order: every token's 1st choice (tokens in
   priority order), then every token's 2nd choice, and so on (GShard). An
-  assignment whose expert is full is dropped.
+  assignment whose expert is full is dropped. With expert clusters (MoEC)
+  the decision also reports ``cluster_loss`` and, in training, re-routes a
+  share of the assignments within their cluster.
   """
   num_selected_experts: int = 2
   priority: str = "position"
@@ -205,25 +259,33 @@ class TokensChooseRouter:
   num_clusters: int = 0
   cluster_dropout_rate: float = 0.0
 
+  def rng_mode(self, train: bool) -> Optional[str]:
+    """Random priority needs a key even in eval (a fixed one); cluster
+    re-routing draws only in training."""
+    reroutes = bool(self.num_clusters) and self.cluster_dropout_rate > 0
+    if train and (self.priority == "random" or reroutes):
+      return "stream"
+    return "fixed" if self.priority == "random" else None
+
   def route(self, logits: Array, padding_mask: Optional[Array], capacity: int,
             rng: Optional[Array] = None) -> RoutingDecision:
     """See ``Router``. logits <float32>[G, S, E]; padding_mask [G, S]."""
     logits = logits.astype(jnp.float32)
     g, s, e = logits.shape
     k = self.num_selected_experts
-    mask = (jnp.ones((g, s), jnp.float32) if padding_mask is None
-            else padding_mask.astype(jnp.float32))
+    mask = as_mask(padding_mask, (g, s))
     probs = jax.nn.softmax(logits, axis=-1)
-    gate, expert_index = jax.lax.top_k(probs, k)  # [G, S, K]
+    gate, expert_index = top_k(probs, k)  # [G, S, K]
     if self.renormalize_top_k and k > 1:
       gate = gate / jnp.sum(gate, axis=-1, keepdims=True)
     gate = gate * mask[..., None]
     priority_rng = reroute_rng = None
     if rng is not None:
       priority_rng, reroute_rng = jax.random.split(rng)
-    cluster_loss = jnp.zeros((), jnp.float32)
+    extra = {}
     if self.num_clusters:
-      cluster_loss = regularization.cluster_variance_loss(probs, mask, self.num_clusters)
+      extra[mm.CLUSTER_LOSS] = regularization.cluster_variance_loss(
+          probs, mask, self.num_clusters)
       if self.cluster_dropout_rate > 0 and reroute_rng is not None:
         expert_index = regularization.reroute_within_cluster(
             expert_index, e, self.num_clusters, self.cluster_dropout_rate, reroute_rng)
@@ -244,20 +306,17 @@ class TokensChooseRouter:
     slot_token, slot_weight = slot_tables(slot, gate, e * capacity)
 
     real = jnp.maximum(jnp.sum(mask) * k, 1.0)
-    dropped = 1.0 - jnp.sum(keep.astype(jnp.float32)) / real
-    load = jnp.sum(one_hot, axis=(0, 1, 2)).astype(jnp.float32) / real
+    metrics = standard_metrics(
+        probs, logits, mask,
+        aux_loss=load_balancing_loss(probs, expert_index, mask),
+        dropped_fraction=1.0 - jnp.sum(keep.astype(jnp.float32)) / real,
+        expert_load=jnp.sum(one_hot, axis=(0, 1, 2)).astype(jnp.float32) / real)
     return RoutingDecision(
         slot_token=slot_token.reshape(g, e, capacity),
         slot_weight=slot_weight.reshape(g, e, capacity),
         expert_index=expert_index.astype(jnp.int32),
-        expert_weight=gate,
-        aux_loss=load_balancing_loss(probs, expert_index, mask),
-        z_loss=router_z_loss(logits, mask),
-        dropped_fraction=dropped,
-        expert_load=load,
-        router_confidence=masked_mean(probs.max(-1), mask, axis=(0, 1)),
-        cluster_loss=cluster_loss,
-    )
+        expert_weight=gate, probs=probs, token_mask=mask,
+        metrics={**metrics, **extra}, token_slot=slot.astype(jnp.int32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,17 +330,20 @@ class ExpertsChooseRouter:
   this router must not be used in a causal decoder.
   """
 
+  def rng_mode(self, train: bool) -> Optional[str]:
+    del train
+    return None
+
   def route(self, logits: Array, padding_mask: Optional[Array], capacity: int,
             rng: Optional[Array] = None) -> RoutingDecision:
     del rng
     logits = logits.astype(jnp.float32)
     g, s, e = logits.shape
-    mask = (jnp.ones((g, s), jnp.float32) if padding_mask is None
-            else padding_mask.astype(jnp.float32))
+    mask = as_mask(padding_mask, (g, s))
     probs = jax.nn.softmax(logits, axis=-1)
     # Padding can never outrank a real token: score -1 < any probability.
     scores = jnp.where(mask[..., None] > 0, probs, -1.0)
-    slot_score, slot_token = jax.lax.top_k(jnp.swapaxes(scores, 1, 2), capacity)
+    slot_score, slot_token = top_k(jnp.swapaxes(scores, 1, 2), capacity)
     real_slot = slot_score >= 0  # [G, E, C]
     slot_weight = jnp.where(real_slot, slot_score, 0.0)
     slot_token = jnp.where(real_slot, slot_token, s).astype(jnp.int32)
@@ -291,34 +353,11 @@ class ExpertsChooseRouter:
 
     reached_any = jax.vmap(reached)(slot_token)  # [G, S]
     n_real = jnp.maximum(jnp.sum(mask), 1.0)
-    dropped = 1.0 - jnp.sum(reached_any * mask) / n_real
     per_expert = jnp.sum(real_slot.astype(jnp.float32), axis=(0, 2))
-    load = per_expert / jnp.maximum(jnp.sum(per_expert), 1.0)
+    metrics = standard_metrics(
+        probs, logits, mask, aux_loss=jnp.zeros((), jnp.float32),
+        dropped_fraction=1.0 - jnp.sum(reached_any * mask) / n_real,
+        expert_load=per_expert / jnp.maximum(jnp.sum(per_expert), 1.0))
     return RoutingDecision(
-        slot_token=slot_token,
-        slot_weight=slot_weight,
-        expert_index=None,
-        expert_weight=None,
-        aux_loss=jnp.zeros((), jnp.float32),
-        z_loss=router_z_loss(logits, mask),
-        dropped_fraction=dropped,
-        expert_load=load,
-        router_confidence=masked_mean(probs.max(-1), mask, axis=(0, 1)),
-    )
-
-
-def make_router(config) -> Router:
-  """The router a ``MoeConfig`` asks for."""
-  if config.router_type == "tokens_choose":
-    return TokensChooseRouter(
-        num_selected_experts=config.num_selected_experts,
-        priority=config.priority,
-        renormalize_top_k=config.renormalize_top_k,
-        num_clusters=config.num_expert_clusters,
-        cluster_dropout_rate=config.cluster_expert_dropout_rate)
-  if config.router_type == "experts_choose":
-    return ExpertsChooseRouter()
-  if config.router_type == "dense_to_sparse":  # DTS-Gate (dts_gate.py)
-    from moe_jax.layers import dts_gate  # pylint: disable=g-import-not-at-top
-    return dts_gate.from_config(config)
-  raise ValueError(f"Unknown router_type {config.router_type!r}.")
+        slot_token=slot_token, slot_weight=slot_weight, expert_index=None,
+        expert_weight=None, probs=probs, token_mask=mask, metrics=metrics)

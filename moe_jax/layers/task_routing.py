@@ -45,42 +45,48 @@ def missing_route_ids_error() -> ValueError:
       "MoeConfig.routing_level='token'.")
 
 
-def task_router_logits(module: nn.Module, route_ids: Optional[Array],
-                       batch_length: tuple[int, int], num_route_ids: int,
-                       num_experts: int, init_stddev: float) -> Array:
-  """Router logits from the route-id table, in ``module``'s parameter scope.
+class TaskRouterLogits(nn.Module):
+  """Router logits from the route-id table (the layer's ``router_kernel``).
 
-  Args:
-    module: the calling ``MoeLayer`` (the table is its ``router_kernel``).
-    route_ids: <int>[batch, length], ids in ``[0, num_route_ids]`` (0 =
-      padding). ``None`` is accepted only while initializing (the table's
-      shape does not depend on the ids). An id above ``num_route_ids`` gives
-      NaN logits (out-of-range gather) -- raise ``num_route_ids``.
-    batch_length: ``(batch, length)`` of the layer input.
+  Used by ``MoeLayer`` with a shared scope, so the table sits at
+  ``.../moe/router_kernel``. ``__call__(x <float>[batch, length, D], *,
+  route_ids <int>[batch, length], deterministic) -> <float32>[batch, length, E]``.
+  ``route_ids`` are in ``[0, num_route_ids]`` (0 = padding); ``None`` is
+  accepted only while initializing (the table's shape does not depend on the
+  ids). An id above ``num_route_ids`` gives NaN logits (out-of-range gather):
+  raise ``num_route_ids``.
+
+  Attributes:
     num_route_ids: ``N``; the table has ``N + 1`` rows (row 0: padding).
     num_experts: ``E``.
     init_stddev: stddev of the table's normal initializer.
-
-  Returns:
-    <float32>[batch, length, E].
   """
-  table = module.param(
-      TABLE_PARAM,
-      nn.with_logical_partitioning(nn.initializers.normal(stddev=init_stddev),
-                                   (None, "unmodeled")),
-      (num_route_ids + 1, num_experts), jnp.float32)
-  if route_ids is None:
-    if not module.is_initializing():
-      raise missing_route_ids_error()
-    route_ids = jnp.zeros(batch_length, jnp.int32)
-  if tuple(route_ids.shape) != tuple(batch_length):
-    raise ValueError(
-        f"route_ids have shape {tuple(route_ids.shape)} but the layer input has "
-        f"[batch, length] = {tuple(batch_length)}; give one id per token (a "
-        "per-example id must be broadcast over the length).")
-  table = jnp.asarray(table, jnp.float32)
-  return jnp.take(table, route_ids.astype(jnp.int32), axis=0, mode="fill",
-                  fill_value=jnp.nan)
+  num_route_ids: int
+  num_experts: int
+  init_stddev: float = 0.02
+
+  @nn.compact
+  def __call__(self, x: Array, *, route_ids: Optional[Array] = None,
+               deterministic: bool = True) -> Array:
+    del deterministic  # no noise on a table lookup
+    batch_length = tuple(x.shape[:2])
+    table = self.param(
+        TABLE_PARAM,
+        nn.with_logical_partitioning(nn.initializers.normal(stddev=self.init_stddev),
+                                     (None, "unmodeled")),
+        (self.num_route_ids + 1, self.num_experts), jnp.float32)
+    if route_ids is None:
+      if not self.is_initializing():
+        raise missing_route_ids_error()
+      route_ids = jnp.zeros(batch_length, jnp.int32)
+    if tuple(route_ids.shape) != batch_length:
+      raise ValueError(
+          f"route_ids have shape {tuple(route_ids.shape)} but the layer input has "
+          f"[batch, length] = {batch_length}; give one id per token (a "
+          "per-example id must be broadcast over the length).")
+    table = jnp.asarray(table, jnp.float32)
+    return jnp.take(table, route_ids.astype(jnp.int32), axis=0, mode="fill",
+                    fill_value=jnp.nan)
 
 
 def experts_for_route_ids(params: Any, k: int, encoder_route_id: Optional[int] = None,

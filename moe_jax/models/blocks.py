@@ -30,8 +30,10 @@ import jax.numpy as jnp
 
 from moe_jax.layers import conditional
 from moe_jax.layers.attention import MultiHeadAttention
+from moe_jax.layers.bilevel import BilevelMoeLayer
 from moe_jax.layers.dense import DenseGeneral
 from moe_jax.layers.mlp import MlpBlock
+from moe_jax.layers.moe import MoeLayer
 from moe_jax.layers.norms import RMSNorm
 from moe_jax.models.config import SparseLayout, T5Config
 
@@ -104,14 +106,15 @@ class TransformerLayer(nn.Module):
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
   def _sparse_mlp(self, h, padding_mask, mlp, route_ids=None):
-    from moe_jax.layers.moe import MoeLayer  # pylint: disable=g-import-not-at-top
     cfg = self.config
     moe_cfg = dataclasses.replace(cfg.stack_moe(stack_name(self.causal)),
                                   num_experts=self.num_experts)
-    y = MoeLayer(config=moe_cfg, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-                 name="moe")(h, padding_mask=padding_mask,
-                             deterministic=self.deterministic, causal=self.causal,
-                             decode=self.decode, route_ids=route_ids)
+    # Bi-level (SMILE) routing is its own layer with the same interface.
+    layer_cls = BilevelMoeLayer if moe_cfg.bilevel_outer_size else MoeLayer
+    y = layer_cls(config=moe_cfg, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+                  name="moe")(h, padding_mask=padding_mask,
+                              deterministic=self.deterministic, causal=self.causal,
+                              decode=self.decode, route_ids=route_ids)
     if self.layout.residual:
       dense = mlp("mlp")(h, deterministic=self.deterministic)
       gate_logits = DenseGeneral(2, kernel_axes=("embed", "unmodeled"),

@@ -8,13 +8,18 @@ MoE layers and how they are built.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+import json
+import typing
+from typing import Any, Optional, Sequence
 
 import jax.numpy as jnp
 
 from moe_jax.layers.conditional import ConditionalRoutingConfig
 from moe_jax.layers.moe_config import MoeConfig
 
+# Written next to checkpoints (moe-train, moe-upcycle): the model config as JSON,
+# readable without gin (e.g. for a distillation teacher).
+CONFIG_FILE = "model_config.json"
 LAYOUT_KINDS = ("none", "all", "every", "top", "bottom", "explicit")
 REMAT_POLICIES = ("none", "full", "dots_saveable")
 
@@ -253,3 +258,69 @@ class T5Config:
   @property
   def jnp_param_dtype(self):
     return jnp.dtype(self.param_dtype)
+
+
+# ----------------------------------------------------------------------------
+# JSON: the model config beside a checkpoint
+# ----------------------------------------------------------------------------
+def to_dict(config: Any) -> dict:
+  """Plain JSON types of a (nested) config dataclass (tuples become lists)."""
+  return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def _dataclass_of(hint: Any) -> Optional[type]:
+  """The dataclass in a field's type hint (``X`` or ``Optional[X]``), if any."""
+  if dataclasses.is_dataclass(hint):
+    return hint
+  return next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), None)
+
+
+def from_dict(cls: type, values: dict) -> Any:
+  """Rebuilds ``cls`` (a config dataclass) from :func:`to_dict`'s output.
+
+  Raises:
+    ValueError: a key that is no field of ``cls`` (the file was written by a
+      different version; the message names the key).
+  """
+  hints = typing.get_type_hints(cls)
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - names)
+  if unknown:
+    raise ValueError(f"{cls.__name__} has no field(s) {unknown}; the config was "
+                     "written by another version of moe_jax.")
+  kwargs = {}
+  for name, value in values.items():
+    nested = _dataclass_of(hints[name])
+    if isinstance(value, dict) and nested is not None:
+      value = from_dict(nested, value)
+    elif isinstance(value, list):
+      value = tuple(value)
+    kwargs[name] = value
+  return cls(**kwargs)
+
+
+def save_json(config: "T5Config", path: str) -> None:
+  """Writes ``config`` to ``path`` as JSON (see :data:`CONFIG_FILE`)."""
+  with open(path, "w") as f:
+    json.dump(to_dict(config), f, indent=1, sort_keys=True)
+    f.write("\n")
+
+
+def load_json(path: str) -> "T5Config":
+  """The ``T5Config`` :func:`save_json` wrote to ``path``.
+
+  Raises:
+    FileNotFoundError: no file at ``path``.
+    ValueError: not a model config (the message says why).
+  """
+  with open(path) as f:
+    try:
+      values = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} is not valid JSON ({e}).") from e
+  if not isinstance(values, dict):
+    raise ValueError(f"{path} holds no T5Config (a JSON object was expected).")
+  try:
+    return from_dict(T5Config, values)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{path}: {e}") from e

@@ -111,13 +111,13 @@ def _prompt_buffer(prompt_tokens, batch: int, max_len: int):
 
 def _prefix_mask(model, batch, length):
   """Prefix LM: the prefilled positions (BOS + prompt) attend bidirectionally."""
-  if not getattr(model.config, "prefix_lm", False):
+  if not model.config.prefix_lm:
     return None
   return jnp.ones((batch, length), jnp.int32)
 
 
 def _check_prefix_prompts(model, prompt_tokens, prefill):
-  if getattr(model.config, "prefix_lm", False) and prompt_tokens is not None:
+  if model.config.prefix_lm and prompt_tokens is not None:
     lengths = (np.asarray(prompt_tokens) > 0).sum(axis=1)
     if len(set(lengths.tolist())) > 1 or not prefill:
       raise ValueError("Prefix-LM decoding needs prefill=True and prompts of equal "

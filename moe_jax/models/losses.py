@@ -1,36 +1,32 @@
-"""Training losses and MoE metrics (T5X / flaxformer conventions).
+"""Training losses (T5X / flaxformer conventions).
 
 Total loss = token cross-entropy (with optional label smoothing)
            + output z-loss ``z_loss * log(Z)^2`` per token (T5X, 1e-4)
-           + ``aux_loss_factor``      * SUM over MoE layers of the load-balancing loss
-           + ``router_z_loss_factor`` * SUM over MoE layers of the router z-loss
-           + ``cluster_loss_factor``  * SUM over MoE layers of the MoEC variance
-             loss (sown only when ``MoeConfig.num_expert_clusters > 0``)
-           + ``cmr_budget_loss_factor`` * SUM over MoE layers of the NLLB
-             conditional-routing budget loss (sown only when CMR is on).
+           + for every MoE loss term of the metric registry
+             (``moe_jax/layers/moe_metrics.py``): ``LossConfig.<factor>`` *
+             SUM over MoE layers of the sown value. Today: the load-balancing
+             loss (``aux_loss_factor``), the router z-loss
+             (``router_z_loss_factor``), the MoEC variance loss
+             (``cluster_loss_factor``, only with expert clusters) and the NLLB
+             conditional-routing budget loss (``cmr_budget_loss_factor``, only
+             with CMR).
 
-:func:`weighted_moe_losses` is the one definition of the weighted MoE terms;
-the train step (``moe_jax/training/train_step.py``) and :func:`compute_loss`
-both call it.
-
-The MoE terms are **summed over layers** (as T5X/flaxformer do: each layer
-adds its weighted loss), so a deeper model with more sparse layers puts more
-total weight on balancing; the per-layer values and their **mean** over layers
-are reported as metrics. Token terms are averaged over real target tokens
-(``weights``, default ``targets > 0``) unless ``loss_normalizing_factor`` is
-given, in which case their sum is divided by it.
+:func:`weighted_moe_losses` is the one definition of the weighted MoE terms
+(the train step calls it). The MoE terms are **summed over layers** (as
+T5X/flaxformer do: each layer adds its weighted loss), so a deeper model with
+more sparse layers puts more total weight on balancing; per-layer values and
+their mean over layers are reported by ``training/metrics.py``.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_jax.layers import moe_config as mc
+from moe_jax.layers import moe_metrics as mm
 
 DEFAULT_Z_LOSS = 1e-4
 DEFAULT_AUX_LOSS_FACTOR = 0.01
@@ -40,8 +36,8 @@ DEFAULT_ROUTER_Z_LOSS_FACTOR = 0.0
 DEFAULT_CLUSTER_LOSS_FACTOR = 1e-2
 # NLLB conditional MoE routing budget loss weight (Costa-jussà et al. 2022).
 DEFAULT_CMR_BUDGET_LOSS_FACTOR = 0.1
-CMR_BUDGET_LOSS = getattr(mc, "CMR_BUDGET_LOSS", "cmr_budget_loss")
-CLUSTER_LOSS = getattr(mc, "CLUSTER_LOSS", "cluster_loss")
+# Loss terms reported even when no layer sowed them (0 for a dense model).
+ALWAYS_REPORTED = (mm.AUX_LOSS, mm.Z_LOSS)
 
 
 def token_cross_entropy(logits: jax.Array, targets: jax.Array,
@@ -76,65 +72,6 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array,
   return loss + z_term, z_term
 
 
-def _layer_name(path: tuple[str, ...]) -> str:
-  """``('encoder','layers','layers_3','moe')`` -> ``'encoder/layers_3'``."""
-  keep = [p for p in path if p not in ("layers", "moe")]
-  return "/".join(keep)
-
-
-def collect_moe_metrics(intermediates: Mapping[str, Any],
-                        config: Optional[Any] = None) -> dict[str, jax.Array]:
-  """Per-layer MoE values from the ``intermediates`` collection.
-
-  Returns ``{"<stack>/layers_<i>/<metric>": value}`` for every MoE layer and
-  metric named in ``moe_config.METRIC_NAMES``. Scanned stacks (params under
-  ``layers/layer_j`` with a leading block axis) are unstacked into layer
-  indices ``block * period + j``; pass ``config`` (a ``T5Config``) for that,
-  otherwise names are ``<stack>/block_<b>/layer_<j>``.
-  """
-  out = {}
-  flat = jax.tree_util.tree_flatten_with_path(
-      intermediates, is_leaf=lambda x: isinstance(x, tuple))[0]
-  for key_path, value in flat:
-    keys = tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in key_path)
-    if not keys or keys[-1] not in mc.METRIC_NAMES:
-      continue
-    value = value[0] if isinstance(value, tuple) else value
-    metric = keys[-1]
-    scanned = [i for i, k in enumerate(keys[:-1]) if re.fullmatch(r"layer_\d+", k)]
-    if not scanned:
-      out[f"{_layer_name(keys[:-1])}/{metric}"] = value
-      continue
-    j = int(keys[scanned[-1]].split("_")[1])
-    stack = keys[0]
-    period = None
-    if config is not None:
-      layout = getattr(config, f"{stack}_layout")
-      n = getattr(config, f"num_{stack}_layers")
-      period = layout.scan_period(n, config.moe.num_experts if config.moe else 0)
-    for b in range(value.shape[0]):
-      name = (f"{stack}/layers_{b * period + j}" if period
-              else f"{stack}/block_{b}/layer_{j}")
-      out[f"{name}/{metric}"] = value[b]
-  return dict(sorted(out.items()))
-
-
-def summarize_moe_metrics(per_layer: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-  """Mean over layers of each metric: ``{"moe/<metric>_mean": ...}``, plus
-  ``"moe/num_layers"``; ``expert_load`` is averaged only when all layers have
-  the same expert count."""
-  by_metric: dict[str, list] = {}
-  for name, value in per_layer.items():
-    by_metric.setdefault(name.rsplit("/", 1)[1], []).append(value)
-  out = {}
-  for metric, values in by_metric.items():
-    if len({jnp.shape(v) for v in values}) == 1:
-      out[f"moe/{metric}_mean"] = jnp.mean(jnp.stack(values), axis=0)
-  if by_metric:
-    out["moe/num_layers"] = jnp.asarray(len(next(iter(by_metric.values()))))
-  return out
-
-
 def _sown_key(path) -> Optional[str]:
   """Name a leaf was sown under: the last dict key (tuple indices skipped)."""
   for entry in reversed(path):
@@ -163,81 +100,26 @@ def has_sown(intermediates: Any, name: str) -> bool:
              jax.tree_util.tree_flatten_with_path(intermediates)[0])
 
 
-def weighted_moe_losses(intermediates: Any, *,
-                        aux_loss_factor: float = DEFAULT_AUX_LOSS_FACTOR,
-                        router_z_loss_factor: float = DEFAULT_ROUTER_Z_LOSS_FACTOR,
-                        cluster_loss_factor: float = DEFAULT_CLUSTER_LOSS_FACTOR,
-                        cmr_budget_loss_factor: float = DEFAULT_CMR_BUDGET_LOSS_FACTOR
+def weighted_moe_losses(intermediates: Any, factors: Mapping[str, float]
                         ) -> dict[str, jax.Array]:
   """The weighted MoE loss terms that enter the training loss.
 
-  Each is ``factor * sum over MoE layers`` of the per-layer value the layers
-  sow (:func:`sum_sown`).
+  Args:
+    intermediates: the model's ``"intermediates"`` collection.
+    factors: ``{loss factor name: value}`` for the registry's loss terms
+      (e.g. ``dataclasses.asdict(LossConfig())``); a missing name is an error.
 
   Returns:
-    ``{"aux_loss", "router_z_loss"}`` always, plus ``"cluster_loss"`` (MoEC)
-    and ``"cmr_budget_loss"`` (NLLB CMR) when some layer sowed them; all
-    ``<float32>[]``.
+    ``{metric.loss_key: factor * sum over MoE layers}`` (``<float32>[]``) for
+    every registered loss term some layer sowed, plus ``moe_aux_loss`` and
+    ``moe_router_z_loss`` always.
   """
   inter = intermediates or {}
-  out = {"aux_loss": aux_loss_factor * sum_sown(inter, mc.AUX_LOSS),
-         "router_z_loss": router_z_loss_factor * sum_sown(inter, mc.Z_LOSS)}
-  for name, factor in ((CLUSTER_LOSS, cluster_loss_factor),
-                       (CMR_BUDGET_LOSS, cmr_budget_loss_factor)):
-    if has_sown(inter, name):
-      out[name] = factor * sum_sown(inter, name)
+  out = {}
+  for metric in mm.loss_metrics():
+    if metric.name in ALWAYS_REPORTED or has_sown(inter, metric.name):
+      if metric.loss_factor not in factors:
+        raise ValueError(f"No loss factor {metric.loss_factor!r} for the MoE loss "
+                         f"{metric.name!r}; add it to LossConfig.")
+      out[metric.loss_key] = factors[metric.loss_factor] * sum_sown(inter, metric.name)
   return out
-
-
-def compute_loss(logits: jax.Array, targets: jax.Array,
-                 weights: Optional[jax.Array] = None, *,
-                 intermediates: Optional[Mapping[str, Any]] = None,
-                 config: Optional[Any] = None,
-                 label_smoothing: float = 0.0, z_loss: float = DEFAULT_Z_LOSS,
-                 aux_loss_factor: float = DEFAULT_AUX_LOSS_FACTOR,
-                 router_z_loss_factor: float = DEFAULT_ROUTER_Z_LOSS_FACTOR,
-                 cluster_loss_factor: float = DEFAULT_CLUSTER_LOSS_FACTOR,
-                 cmr_budget_loss_factor: float = DEFAULT_CMR_BUDGET_LOSS_FACTOR,
-                 loss_normalizing_factor: Optional[float] = None
-                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Total training loss and metrics (see the module docstring).
-
-  Args:
-    logits: ``<float>[batch, length, vocab]``; targets ``<int>[batch, length]``.
-    weights: ``<float>[batch, length]``, default ``targets > 0``.
-    intermediates: the model's ``"intermediates"`` collection (MoE sows).
-    config: the ``T5Config`` (only to name layers of scanned stacks).
-
-  Returns:
-    ``(loss, metrics)``: scalar loss and a flat dict of scalars/vectors:
-    ``cross_entropy``, ``z_loss``, ``num_tokens``, ``aux_loss`` /
-    ``router_z_loss`` (and, when sown, ``cluster_loss`` / ``cmr_budget_loss``:
-    the weighted sums entering the loss, :func:`weighted_moe_losses`), per-layer
-    ``moe/<stack>/layers_<i>/<metric>`` and their means ``moe/<metric>_mean``.
-  """
-  if weights is None:
-    weights = (targets > 0).astype(jnp.float32)
-  weights = weights.astype(jnp.float32)
-  per_token, z_term = token_cross_entropy(logits, targets, label_smoothing, z_loss)
-  num_tokens = jnp.sum(weights)
-  denom = (jnp.maximum(num_tokens, 1.0) if loss_normalizing_factor is None
-           else jnp.asarray(loss_normalizing_factor, jnp.float32))
-  token_loss = jnp.sum(per_token * weights) / denom
-  z_mean = jnp.sum(z_term * weights) / denom
-  metrics = {"cross_entropy": token_loss - z_mean, "z_loss": z_mean,
-             "num_tokens": num_tokens}
-  loss = token_loss
-  if intermediates:
-    per_layer = collect_moe_metrics(intermediates, config)
-    weighted = weighted_moe_losses(
-        intermediates, aux_loss_factor=aux_loss_factor,
-        router_z_loss_factor=router_z_loss_factor,
-        cluster_loss_factor=cluster_loss_factor,
-        cmr_budget_loss_factor=cmr_budget_loss_factor)
-    metrics.update(weighted)
-    for term in weighted.values():
-      loss = loss + term
-    metrics.update({f"moe/{k}": v for k, v in per_layer.items()})
-    metrics.update(summarize_moe_metrics(per_layer))
-  metrics["loss"] = loss
-  return loss, metrics

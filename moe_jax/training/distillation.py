@@ -17,10 +17,10 @@ The output z-loss and the MoE auxiliary losses are added unchanged.
 
 The teacher is a checkpoint of this project (``moe-train`` or
 ``moe-upcycle`` output). Its model comes from its own configuration: a
-``T5Config`` given directly, a gin file (``teacher_gin_file``), or -- when
-neither is given -- the ``config.gin`` that ``moe-train`` writes into its
-model directory or the ``upcycled_model.gin`` that ``moe-upcycle`` writes,
-found next to the checkpoint. The teacher runs deterministically (no
+``T5Config`` given directly, a JSON file (``teacher_config_file``), or --
+when neither is given -- the ``model_config.json`` that ``moe-train`` and
+``moe-upcycle`` write into their output directory, found next to the
+checkpoint (no gin is parsed: the student's gin configuration is live). The teacher runs deterministically (no
 dropout), outside the step schedule, and no gradient flows into it.
 
 Stopping: the loop compiles two steps. Steps ``s < stop_step`` run the
@@ -34,9 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pickle
-import subprocess
-import sys
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -45,10 +42,8 @@ import jax.numpy as jnp
 import optax
 
 from moe_jax.layers import schedule as step_schedule
+from moe_jax.models import config as model_config_lib
 from moe_jax.training import train_state as train_state_lib
-
-# Files the project's binaries write next to a checkpoint, holding its model config.
-TEACHER_GIN_NAMES = ("config.gin", "upcycled_model.gin")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,11 +54,12 @@ class DistillationConfig:
     teacher_checkpoint: the teacher's checkpoint: a ``moe-train`` model
       directory (latest step), one step directory, or a ``moe-upcycle``
       output directory.
-    teacher_gin_file: gin file holding the teacher's ``MODEL_CONFIG`` (e.g.
-      the teacher run's ``config.gin``). Default: ``config.gin`` or
-      ``upcycled_model.gin`` found in the checkpoint directory or its parent.
+    teacher_config_file: the teacher's model config as JSON
+      (``model_config.json``, written by ``moe-train`` / ``moe-upcycle``).
+      Default: ``model_config.json`` found in the checkpoint directory or its
+      parent.
     teacher_config: the teacher's ``T5Config`` itself (Python API; takes
-      precedence over ``teacher_gin_file``).
+      precedence over ``teacher_config_file``).
     temperature: softmax temperature ``T`` of both distributions (1.0).
     weight: ``w``, the share of the KL term; the cross-entropy gets ``1 - w``
       (0.5: CE and KD weighted equally, as in DeepSpeed's MoS runs; see
@@ -72,7 +68,7 @@ class DistillationConfig:
       plain cross-entropy; ``None`` distils for the whole run.
   """
   teacher_checkpoint: Optional[str] = None
-  teacher_gin_file: Optional[str] = None
+  teacher_config_file: Optional[str] = None
   teacher_config: Any = None
   temperature: float = 1.0
   weight: float = 0.5
@@ -183,77 +179,41 @@ def checkpoint_exists_or_raise(path: str) -> None:
         "directories, or a moe-upcycle output directory.") from e
 
 
-def find_teacher_gin(checkpoint: str) -> Optional[str]:
-  """``config.gin`` / ``upcycled_model.gin`` in ``checkpoint`` or its parent."""
+def find_teacher_config(checkpoint: str) -> Optional[str]:
+  """``model_config.json`` in ``checkpoint`` or its parent, or ``None``."""
   here = os.path.abspath(checkpoint)
   for directory in (here, os.path.dirname(here)):
-    for name in TEACHER_GIN_NAMES:
-      candidate = os.path.join(directory, name)
-      if os.path.isfile(candidate):
-        return candidate
+    candidate = os.path.join(directory, model_config_lib.CONFIG_FILE)
+    if os.path.isfile(candidate):
+      return candidate
   return None
 
 
-# Parses a gin file in a fresh interpreter, so the running program's gin
-# configuration (locked, with the student's bindings) is left untouched.
-_GIN_TO_CONFIG = r"""
-import pickle, sys
-import gin
-from moe_jax import train
-path, search = sys.argv[1], sys.argv[2:]
-train.register_configurables()
-for p in search:
-  gin.add_config_file_search_path(p)
-
-@gin.configurable("moe_jax_teacher_model_config")
-def teacher(model_config=gin.REQUIRED):
-  return model_config
-
-gin.parse_config_files_and_bindings(
-    [path], ["moe_jax_teacher_model_config.model_config = %MODEL_CONFIG"],
-    finalize_config=False, skip_unknown=True)
-sys.stdout.buffer.write(pickle.dumps(teacher()))
-"""
-
-
-def config_from_gin_file(path: str) -> Any:
-  """The ``T5Config`` that gin file ``path``'s ``MODEL_CONFIG`` macro builds.
-
-  Parsed in a subprocess (a few seconds) so the caller's gin state is kept.
+def teacher_model_config(cfg: DistillationConfig) -> Any:
+  """The teacher's ``T5Config`` (see :class:`DistillationConfig`).
 
   Raises:
-    FileNotFoundError: no file at ``path``.
-    ValueError: gin could not build ``MODEL_CONFIG`` from it (message says why).
+    FileNotFoundError: no config file given or found next to the checkpoint.
+    ValueError: the file holds no model config.
   """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(
-        f"DistillationConfig.teacher_gin_file={path!r} does not exist; give the "
-        "teacher run's config.gin (written by moe-train into MODEL_DIR) or "
-        "upcycled_model.gin (written by moe-upcycle).")
-  from moe_jax import train  # pylint: disable=g-import-not-at-top
-  search = [os.path.dirname(os.path.abspath(path))] + train.search_paths()
-  proc = subprocess.run([sys.executable, "-c", _GIN_TO_CONFIG, path, *search],
-                        capture_output=True, check=False)
-  if proc.returncode:
-    err = proc.stderr.decode(errors="replace").strip().splitlines()
-    raise ValueError(
-        f"Could not build the teacher's model config from {path!r}: "
-        f"{err[-1] if err else 'unknown error'}. The file must define MODEL_CONFIG "
-        "(e.g. include a models/*.gin file).")
-  return pickle.loads(proc.stdout)
-
-
-def teacher_model_config(cfg: DistillationConfig) -> Any:
-  """The teacher's ``T5Config`` (see :class:`DistillationConfig`)."""
   if cfg.teacher_config is not None:
     return cfg.teacher_config
-  path = cfg.teacher_gin_file or find_teacher_gin(cfg.teacher_checkpoint)
+  path = cfg.teacher_config_file or find_teacher_config(cfg.teacher_checkpoint)
   if path is None:
     raise FileNotFoundError(
-        f"No teacher model config: DistillationConfig.teacher_gin_file is unset and "
-        f"neither {TEACHER_GIN_NAMES} is in {cfg.teacher_checkpoint!r} or its parent. "
-        "Set DistillationConfig.teacher_gin_file to the teacher run's gin file.")
-  return config_from_gin_file(path)
+        f"No teacher model config: DistillationConfig.teacher_config_file is unset "
+        f"and there is no {model_config_lib.CONFIG_FILE} in "
+        f"{cfg.teacher_checkpoint!r} or its parent (moe-train and moe-upcycle "
+        "write one into their output directory). Set "
+        "DistillationConfig.teacher_config_file to the teacher's model_config.json.")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f"DistillationConfig.teacher_config_file={path!r} does not exist; give the "
+        f"teacher run's {model_config_lib.CONFIG_FILE}.")
+  try:
+    return model_config_lib.load_json(path)
+  except ValueError as e:
+    raise ValueError(f"Could not read the teacher's model config: {e}") from e
 
 
 def resolve(cfg: DistillationConfig, student_config: Any) -> DistillationConfig:
@@ -280,27 +240,29 @@ def resolve(cfg: DistillationConfig, student_config: Any) -> DistillationConfig:
 
 @dataclasses.dataclass
 class Teacher:
-  """A loaded teacher: its module, params (placed with their shardings)."""
+  """A loaded teacher: its module, params (placed with their shardings), settings."""
   model: nn.Module
   params: Any
   shardings: Any
+  config: DistillationConfig
 
 
-def load_teacher(cfg: DistillationConfig, mesh, rules, batch_shapes) -> Teacher:
+def load_teacher(cfg: DistillationConfig, partitioner, batch_shapes) -> Teacher:
   """Builds the teacher model and restores its params, sharded like training.
 
   Args:
     cfg: resolved config (:func:`resolve`), or one with ``teacher_config``.
-    mesh, rules: the training mesh and logical-axis rules.
+    partitioner: the training mesh and logical-axis rules
+      (:class:`moe_jax.partitioning.Partitioner`).
     batch_shapes: global batch shapes (``train_state.dummy_batch``).
   """
   from moe_jax import models  # pylint: disable=g-import-not-at-top
   from moe_jax.checkpoints import restore  # pylint: disable=g-import-not-at-top
   checkpoint_exists_or_raise(cfg.teacher_checkpoint)
-  config = teacher_model_config(cfg)
-  model = models.build_model(config)
-  abstract, shardings = train_state_lib.state_shardings(
-      model, optax.identity(), mesh, rules, batch_shapes)
-  params = restore.restore_params(cfg.teacher_checkpoint, abstract.params,
-                                  shardings.params)
-  return Teacher(model=model, params=params, shardings=shardings.params)
+  model = models.build_model(teacher_model_config(cfg))
+  layout = train_state_lib.StateLayout.create(model, optax.identity(), partitioner,
+                                              batch_shapes)
+  params = restore.restore_params(cfg.teacher_checkpoint, layout.abstract.params,
+                                  layout.shardings.params)
+  return Teacher(model=model, params=params, shardings=layout.shardings.params,
+                 config=cfg)

@@ -11,19 +11,20 @@ state and runs one step on a synthetic batch (config smoke tests).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import os
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 from moe_jax import models, partitioning
-from moe_jax.data import pipeline
+from moe_jax.data import pipeline, train_iterator
 from moe_jax.training import distillation as distillation_lib
-from moe_jax.training import loop, metrics, optimizers, train_state, train_step
+from moe_jax.training import loop, metrics, optimizers, param_counts
+from moe_jax.training import train_state, train_step
 
 
 class ConfigError(ValueError):
@@ -38,8 +39,7 @@ class Experiment:
   schedule: optax.Schedule
   loss_config: train_step.LossConfig
   loop_config: loop.LoopConfig
-  mesh: Any
-  rules: Any
+  partitioner: partitioning.Partitioner
   batch_size: int
   task_feature_lengths: dict
   batch_shapes: dict
@@ -54,14 +54,28 @@ class Experiment:
   decode_eval: bool = False
   distillation: Optional[distillation_lib.DistillationConfig] = None
 
+  @property
+  def mesh(self):
+    return self.partitioner.mesh
+
+  @property
+  def rules(self):
+    return self.partitioner.rules
+
+  @functools.cached_property
+  def layout(self) -> train_state.StateLayout:
+    """The abstract train state and its shardings (traced once, no arrays)."""
+    return train_state.StateLayout.create(self.model, self.tx, self.partitioner,
+                                          self.batch_shapes)
+
   # -- the compiled program -------------------------------------------------------
-  def _jitted_step(self, shardings):
-    """The jitted train step (the one factory: ``moe-train``'s loop and
-    ``lower_step`` / ``moe-compile`` must reach the identical program)."""
-    return train_step.jit_train_step(
-        train_step.make_train_step(self.model, self.loss_config, self.schedule,
-                                   self.loop_config.num_microbatches, self.mesh),
-        shardings, train_step.batch_sharding(self.mesh))
+  def _jitted_step(self, teacher: Optional[distillation_lib.Teacher] = None):
+    """The jitted train step: the one factory, so ``moe-train``'s loop and
+    ``lower_step`` / ``moe-compile`` reach the identical program. With a
+    loaded distillation ``teacher``, the distillation step."""
+    return train_step.jitted_train_step(
+        self.layout, self.loss_config, self.schedule,
+        self.loop_config.num_microbatches, teacher)
 
   def lower_step(self) -> Any:
     """Traces and lowers (no compile, no run) the sharded train step.
@@ -71,32 +85,35 @@ class Experiment:
     compile-only devices (``jax.experimental.topologies``). Returns the
     ``jax.stages.Lowered``; ``.compile()`` it for memory/cost analysis.
     """
-    abstract, shardings = train_state.state_shardings(
-        self.model, self.tx, self.mesh, self.rules, self.batch_shapes)
-    with partitioning.with_sharding(self.mesh, self.rules):
-      return self._jitted_step(shardings).lower(abstract, self.batch_shapes)
+    layout, step = self.layout, self._jitted_step()
+    with self.partitioner.activate():
+      return step.lower(layout.abstract, self.batch_shapes)
 
   def init_and_step(self) -> dict[str, float]:
     """Sharded init + one jitted train step on a synthetic batch; metrics."""
-    state, shardings = train_state.init_train_state(
-        self.model, self.tx, self.mesh, self.rules, self.batch_shapes,
-        seed=self.loop_config.seed)
-    step = self._jitted_step(shardings)
+    state = self.layout.init(seed=self.loop_config.seed)
+    step = self._jitted_step()
     rng = np.random.default_rng(0)
     vocab = self.model_config.vocab_size
     local = {k: rng.integers(1, vocab, v.shape).astype(np.int32)
              for k, v in self.batch_shapes.items()}
     local["decoder_loss_weights"] = np.ones_like(local["decoder_loss_weights"])
-    with partitioning.with_sharding(self.mesh, self.rules):
-      batch = pipeline.to_global_batch(local, self.mesh, self.rules)
-      _, m = step(state, batch)
+    with self.partitioner.activate():
+      _, m = step(state, self.partitioner.global_batch(local))
     return metrics.to_host(m)
 
+  def active_params(self) -> int:
+    """Parameters a token passes through (experts count ``k/E`` of their stack)."""
+    return param_counts.active(self.layout.abstract.params, self.layout.param_axes,
+                               self.model_config)
+
   # -- the run ------------------------------------------------------------------
-  def run(self, log_fn: Callable[[str], None] = print) -> loop.LoopResult:
-    """Reads data (this process's shard) and trains; see :func:`loop.train`."""
+  def run(self, log_fn: Callable[[str], None] = print,
+          on_start: Optional[Callable[[], None]] = None) -> loop.LoopResult:
+    """Reads data (this process's shard) and trains; see :func:`loop.train`
+    (``on_start`` runs once the state is restored or initialized)."""
     cfg = self.loop_config
-    train_data = pipeline.get_train_iterator(
+    train_data = train_iterator.get_train_iterator(
         self.mixture_or_task_name, self.task_feature_lengths, self.batch_size,
         seed=self.data_seed, pack=self.pack, model_type=self.model_type)
     eval_data = None
@@ -112,34 +129,32 @@ class Experiment:
       from moe_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
       max_examples = None if cfg.eval_steps is None else cfg.eval_steps * self.batch_size
       decode_eval_fn = evaluator.make_training_eval_fn(
-          self.model, self.mesh, self.rules, self.mixture_or_task_name,
+          self.model, self.partitioner, self.mixture_or_task_name,
           self.task_feature_lengths, self.batch_size, max_examples=max_examples,
           output_dir=(os.path.join(self.model_dir, "eval_decode")
                       if self.model_dir else None))
 
-    abstract, _ = train_state.state_shardings(self.model, self.tx, self.mesh,
-                                              self.rules, self.batch_shapes)
-    moe = self.model_config.moe or next(iter(self.model_config.moe_configs()), None)
-    active = metrics.active_params(abstract.params, moe.num_experts if moe else 1,
-                                   moe.num_selected_experts if moe else 1)
+    abstract = self.layout.abstract
+    active = self.active_params()
     peak = metrics.measure_matmul_peak() if self.measure_peak_flops else None
     primary = jax.process_index() == 0
     if primary:
       lengths = {k: v.shape[1] for k, v in self.batch_shapes.items()
                  if k in ("encoder_input_tokens", "decoder_target_tokens")}
-      log_fn(f"moe-train: {metrics.count_params(abstract.params):,} params "
+      log_fn(f"moe-train: {param_counts.total(abstract.params):,} params "
              f"({active:,} active per token), mesh {dict(self.mesh.shape)}, "
              f"batch {self.batch_size} x {lengths}, {cfg.train_steps} steps"
              + (f", matmul peak {peak / 1e9:.1f} GFLOP/s" if peak else ""))
     writers = metrics.create_writers(self.model_dir if self.tensorboard else None,
                                      primary)
     return loop.train(
-        self.model, self.tx, self.mesh, self.rules, train_data, self.batch_shapes,
-        cfg, loss_cfg=self.loss_config, schedule=self.schedule, eval_data=eval_data,
+        self.layout, train_data, cfg, loss_cfg=self.loss_config,
+        schedule=self.schedule, eval_data=eval_data,
         model_dir=self.model_dir, initial_checkpoint_path=self.initial_checkpoint_path,
         writers=writers, flops_per_token=metrics.train_flops_per_token(active),
         peak_flops=peak, log_fn=log_fn, decode_eval_fn=decode_eval_fn,
-        distillation=self.distillation)
+        distillation=self.distillation, step_factory=self._jitted_step,
+        on_start=on_start)
 
 
 def validate(model_config, mesh, batch_size: int, num_microbatches: int) -> None:
@@ -189,6 +204,7 @@ def build_experiment(
     eval_steps: Optional[int] = 20,
     checkpoint_period: Optional[int] = 1000,
     keep_checkpoints: int = 3,
+    on_damaged_checkpoint: str = "fall_back",
     initial_checkpoint_path: Optional[str] = None,
     mesh_shape: Optional[Mapping[str, int]] = None,
     dcn_mesh_shape: Optional[Mapping[str, int]] = None,
@@ -213,7 +229,10 @@ def build_experiment(
   'model'}`` sizes (one ``-1`` allowed). ``optimizer`` defaults to T5's
   Adafactor on ``schedule`` (default rsqrt). ``decode_eval`` adds, at every
   eval, the decode-and-score evaluation of ``moe-eval`` (BLEU, chrF, ...).
-  ``distillation`` trains this model as a Mixture-of-Students student of a
+  ``on_damaged_checkpoint``: ``"fall_back"`` (resume from the newest
+  checkpoint that restores, keeping a damaged one as ``<step>.damaged``) or
+  ``"refuse"`` (stop with an error). ``distillation`` trains this model as a
+  Mixture-of-Students student of a
   teacher checkpoint (:mod:`moe_jax.training.distillation`); the smoke
   helpers ``init_and_step`` / ``lower_step`` use the plain step. ``devices``
   (default ``jax.devices()``) builds the mesh from other devices, e.g. the
@@ -228,14 +247,17 @@ def build_experiment(
   if mixture_or_task_module:
     importlib.import_module(mixture_or_task_module)
   try:
-    mesh = partitioning.make_mesh(mesh_shape or {"data": -1}, devices=devices,
-                                  dcn_axis_sizes=dcn_mesh_shape)
+    partitioner = partitioning.Partitioner.create(
+        mesh_shape, dcn_mesh_shape, devices=devices, fsdp_params=fsdp_params)
   except ValueError as e:
     count = jax.device_count() if devices is None else len(devices)
     raise ConfigError(f"{e} (there are {count} devices.)") from e
-  validate(model_config, mesh, batch_size, num_microbatches)
+  validate(model_config, partitioner.mesh, batch_size, num_microbatches)
   if train_steps < 1:
     raise ConfigError(f"TRAIN_STEPS={train_steps} must be >= 1.")
+  if on_damaged_checkpoint not in ("fall_back", "refuse"):
+    raise ConfigError(f"train.on_damaged_checkpoint={on_damaged_checkpoint!r}: use "
+                      "'fall_back' or 'refuse'.")
   model_type = "decoder" if model_config.decoder_only else "encdec"
   lengths = pipeline.model_feature_lengths(task_feature_lengths, model_type, pack)
   feature_lengths = {"targets": lengths["decoder_target_tokens"]}
@@ -256,10 +278,11 @@ def build_experiment(
       loop_config=loop.LoopConfig(
           train_steps=train_steps, log_period=log_period, eval_period=eval_period,
           eval_steps=eval_steps, checkpoint_period=checkpoint_period,
-          keep_checkpoints=keep_checkpoints, num_microbatches=num_microbatches,
+          keep_checkpoints=keep_checkpoints,
+          on_damaged_checkpoint=on_damaged_checkpoint,
+          num_microbatches=num_microbatches,
           seed=seed),
-      mesh=mesh, rules=partitioning.standard_logical_rules(fsdp_params=fsdp_params),
-      batch_size=batch_size, task_feature_lengths=dict(task_feature_lengths),
+      partitioner=partitioner, batch_size=batch_size, task_feature_lengths=dict(task_feature_lengths),
       batch_shapes=train_state.dummy_batch(batch_size, feature_lengths),
       mixture_or_task_name=mixture_or_task_name, model_type=model_type,
       model_dir=model_dir, initial_checkpoint_path=initial_checkpoint_path,

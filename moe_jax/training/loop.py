@@ -3,9 +3,23 @@
 Data comes in as an iterator of *process-local* numpy batches (this
 process's rows of the global batch; feature names as T5X's
 ``EncDecFeatureConverter``). Each is turned into one global, batch-sharded
-``jax.Array`` (as ``moe_jax.data.pipeline.to_global_batch`` does; the loop
-does it itself so that it does not pull in TensorFlow for non-seqio data). An iterator
-with ``get_state()`` / ``set_state()`` has its position checkpointed.
+``jax.Array`` by the run's :class:`~moe_jax.partitioning.Partitioner`. An
+iterator with ``save(directory)`` / ``restore(directory)``
+(:class:`moe_jax.data.iterator.DataIterator`) has each process's position
+checkpointed with the state (restoring costs the same at any step); one with
+only ``get_state()`` / ``set_state()`` has a JSON position.
+
+Resuming takes the newest checkpoint that restores
+(``LoopConfig.on_damaged_checkpoint``). Preemption: with ``jax.distributed``
+every process asks ``CheckpointManager.reached_preemption`` at every step
+(the JAX preemption service owns SIGTERM); a single process installs the
+SIGTERM handler of :mod:`moe_jax.checkpoints.preemption`. Either way the
+step is saved and the loop returns ``stopped_early``.
+
+The jitted train step comes from one factory
+(:func:`moe_jax.training.train_step.jitted_train_step`, or the
+``step_factory`` the caller passes, e.g. ``Experiment._jitted_step``), the
+same one ``moe-compile`` lowers.
 
 Non-finite losses stop the run (:class:`NonFiniteLossError`) before a
 checkpoint of the broken state can be written: step ``s``'s loss is checked
@@ -21,16 +35,16 @@ the plain compiled step, releasing the teacher's params.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
+import sys
 import time
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
-import flax.linen as nn
 import jax
 import numpy as np
 import optax
-from jax.sharding import Mesh
 
 from moe_jax import partitioning
 from moe_jax.training import distillation as distillation_lib
@@ -58,6 +72,10 @@ class LoopConfig:
     checkpoint_period: save every this many steps (0: only at the end when a
       model directory is given; ``None``: never).
     keep_checkpoints: how many recent checkpoints to keep.
+    on_damaged_checkpoint: when the newest checkpoint does not restore:
+      ``"fall_back"`` to the newest one that does (the damaged one is kept as
+      ``<step>.damaged``), or ``"refuse"`` to stop
+      (:meth:`moe_jax.checkpoints.manager.CheckpointManager.restore_latest`).
     num_microbatches: gradient-accumulation microbatches per step.
     seed: parameter / dropout / routing RNG seed.
   """
@@ -67,6 +85,7 @@ class LoopConfig:
   eval_steps: Optional[int] = 20
   checkpoint_period: Optional[int] = 1000
   keep_checkpoints: int = 3
+  on_damaged_checkpoint: str = "fall_back"
   num_microbatches: int = 1
   seed: int = 0
 
@@ -77,13 +96,6 @@ class LoopResult:
   losses: list[float]                 # per step, in order
   eval_history: list[tuple[int, dict]]
   stopped_early: bool = False
-
-
-def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Process-local rows -> global ``jax.Array``s sharded over the batch axes."""
-  sharding = train_step_lib.batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local_batch.items()}
 
 
 def _check_finite(step: int, metrics: Mapping[str, Any]) -> float:
@@ -105,36 +117,47 @@ def _open_checkpoints(model_dir: Optional[str], cfg: LoopConfig):
   """The ckpt manager (``moe_jax.checkpoints``) or ``None`` when disabled."""
   if not model_dir or cfg.checkpoint_period is None:
     return None
-  try:
-    from moe_jax.checkpoints.manager import CheckpointManager  # pylint: disable=g-import-not-at-top
-  except ImportError:  # checkpoints package not available
-    logger.warning("moe_jax.checkpoints.manager unavailable; not checkpointing.")
-    return None
+  from moe_jax.checkpoints.manager import CheckpointManager  # pylint: disable=g-import-not-at-top
   period = cfg.checkpoint_period or cfg.train_steps
   return CheckpointManager(model_dir, save_interval_steps=max(1, period),
                            max_to_keep=cfg.keep_checkpoints)
 
 
-def _preemption_handler():
-  try:
-    from moe_jax.checkpoints.preemption import PreemptionHandler  # pylint: disable=g-import-not-at-top
-  except ImportError:
+def _signal_handler():
+  """The SIGTERM handler, unless the JAX preemption service owns SIGTERM.
+
+  With ``jax.distributed`` (multi-host: TPU pods, multi-task SLURM jobs) the
+  JAX runtime catches the preemption notice and agrees on a step, read with
+  ``CheckpointManager.reached_preemption``; installing a Python handler
+  would take SIGTERM from it. Single processes use the Python handler.
+  """
+  from moe_jax.checkpoints import preemption  # pylint: disable=g-import-not-at-top
+  if preemption.jax_preemption_service_active():
     return None
   try:
-    return PreemptionHandler().install()
+    return preemption.PreemptionHandler().install()
   except (RuntimeError, ValueError):  # not on the main thread
     return None
 
 
+def _loud(is_primary: bool) -> Callable[[str], None]:
+  """Lines that must be seen (damaged checkpoints): stderr, primary process."""
+  def say(line: str) -> None:
+    if is_primary:
+      print(f"moe-train: {line}", file=sys.stderr, flush=True)
+  return say
+
+
 def evaluate(eval_step, params, batches: Iterable[Mapping[str, np.ndarray]],
-             mesh: Mesh, rules, max_batches: Optional[int]) -> dict[str, float]:
+             partitioner: partitioning.Partitioner,
+             max_batches: Optional[int]) -> dict[str, float]:
   """Token-weighted eval loss/accuracy over ``batches``."""
   totals: dict[str, float] = {}
   n = 0
   for local in batches:
     if max_batches is not None and n >= max_batches:
       break
-    sums = metrics_lib.to_host(eval_step(params, global_batch(local, mesh)))
+    sums = metrics_lib.to_host(eval_step(params, partitioner.global_batch(local)))
     for k, v in sums.items():
       totals[k] = totals.get(k, 0.0) + v
     n += 1
@@ -156,12 +179,8 @@ def _eta(seconds: float) -> str:
   return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def train(model: nn.Module,
-          tx: optax.GradientTransformation,
-          mesh: Mesh,
-          rules,
+def train(layout: train_state_lib.StateLayout,
           train_data: Iterator[Mapping[str, np.ndarray]],
-          batch_shapes: Mapping[str, jax.ShapeDtypeStruct],
           cfg: LoopConfig,
           loss_cfg: train_step_lib.LossConfig = train_step_lib.LossConfig(),
           schedule: Optional[optax.Schedule] = None,
@@ -173,16 +192,18 @@ def train(model: nn.Module,
           peak_flops: Optional[float] = None,
           log_fn: Callable[[str], None] = print,
           decode_eval_fn: Optional[Callable[[int, Any], Mapping[str, float]]] = None,
-          distillation: Optional[distillation_lib.DistillationConfig] = None
+          distillation: Optional[distillation_lib.DistillationConfig] = None,
+          step_factory: Optional[Callable[..., Any]] = None,
+          on_start: Optional[Callable[[], None]] = None
           ) -> LoopResult:
   """Runs training to ``cfg.train_steps`` (resuming from MODEL_DIR if saved).
 
   Args:
-    model: flax module (T5X signature).
-    tx: optimizer; schedule: its learning rate (for logging).
-    mesh, rules: device mesh and logical-axis rules.
+    layout: the model, optimizer, partitioner (mesh + rules), *global* batch
+      shapes and the train state's shardings
+      (:class:`~moe_jax.training.train_state.StateLayout`).
     train_data: iterator of process-local batches.
-    batch_shapes: *global* batch shapes (:func:`train_state.dummy_batch`).
+    schedule: the learning rate (for logging).
     eval_data: returns a fresh iterable of process-local eval batches.
     model_dir: checkpoints (and, via ``writers``, TensorBoard) go here.
     initial_checkpoint_path: when nothing is saved in ``model_dir`` yet, load
@@ -193,26 +214,39 @@ def train(model: nn.Module,
     log_fn: where console lines go (primary process only).
     distillation: Mixture-of-Students settings (teacher checkpoint, weight,
       temperature, stop step); ``None`` trains on cross-entropy alone.
+    step_factory: ``step_factory(teacher=None)`` -> the jitted train step
+      (default: :func:`train_step.jitted_train_step` of ``layout``).
+    on_start: called once the state is restored or initialized, before the
+      first step (``moe-train`` writes ``config.gin`` then, so a run that
+      stops at a damaged checkpoint changes nothing in MODEL_DIR).
   """
   is_primary = jax.process_index() == 0
   say = log_fn if is_primary else (lambda _: None)
-  bsh = train_step_lib.batch_sharding(mesh)
-  abstract, shardings = train_state_lib.state_shardings(
-      model, tx, mesh, rules, batch_shapes)
+  partitioner = layout.partitioner
+  abstract, shardings = layout.abstract, layout.shardings
+  if step_factory is None:
+    step_factory = functools.partial(train_step_lib.jitted_train_step, layout,
+                                     loss_cfg, schedule, cfg.num_microbatches)
 
   ckpt = _open_checkpoints(model_dir, cfg)
+  checkpointed_iterator = train_data if hasattr(train_data, "restore") else None
   state = None
   if ckpt is not None:
-    restored = ckpt.restore_or_none(abstract, shardings)
+    restored = ckpt.restore_latest(abstract, shardings,
+                                   data_iterator=checkpointed_iterator,
+                                   on_damage=cfg.on_damaged_checkpoint,
+                                   log=_loud(is_primary))
     if restored is not None:
       state, data_state = restored
-      state = state.replace(tx=tx) if hasattr(state, "replace") else state
-      if data_state and hasattr(train_data, "set_state"):
-        train_data.set_state(data_state)
-      say(f"Resumed from {model_dir} at step {int(state.step)}.")
+      state = state.replace(tx=layout.tx)
+      resumed_at = int(jax.device_get(state.step))
+      iterator_restored = (checkpointed_iterator is not None and
+                           ckpt.has_data_iterator(resumed_at))
+      if data_state and not iterator_restored and hasattr(train_data, "set_state"):
+        train_data.set_state(data_state)   # JSON-only positions (older checkpoints)
+      say(f"Resumed from {model_dir} at step {resumed_at}.")
   if state is None:
-    state, _ = train_state_lib.init_train_state(
-        model, tx, mesh, rules, batch_shapes, seed=cfg.seed)
+    state = layout.init(seed=cfg.seed)
     if initial_checkpoint_path:
       from moe_jax.checkpoints import restore  # pylint: disable=g-import-not-at-top
       params = restore.restore_params(initial_checkpoint_path, abstract.params,
@@ -220,38 +254,37 @@ def train(model: nn.Module,
       state = state.replace(params=params)
       say(f"Loaded parameters from {initial_checkpoint_path}.")
 
-  step_fn = train_step_lib.jit_train_step(
-      train_step_lib.make_train_step(model, loss_cfg, schedule,
-                                     cfg.num_microbatches, mesh),
-      shardings, bsh)
+  if on_start is not None:
+    on_start()
+  step_fn = step_factory()
   teacher = None
   distill_fn = None
   start = int(jax.device_get(state.step))
+  if start >= cfg.train_steps:
+    say(f"Already at step {start} of TRAIN_STEPS={cfg.train_steps}: nothing to "
+        "train. Raise TRAIN_STEPS (it counts from step 0) to train on.")
   if distillation is not None and distillation.active_at(start):
-    teacher = distillation_lib.load_teacher(distillation, mesh, rules, batch_shapes)
-    distill_fn = train_step_lib.jit_train_step(
-        train_step_lib.make_train_step(model, loss_cfg, schedule,
-                                       cfg.num_microbatches, mesh,
-                                       distillation=(teacher.model, distillation)),
-        shardings, bsh, teacher.shardings)
+    teacher = distillation_lib.load_teacher(distillation, partitioner,
+                                            layout.batch_shapes)
+    distill_fn = step_factory(teacher)
     say(f"Distilling from {distillation.teacher_checkpoint} (weight "
         f"{distillation.weight}, temperature {distillation.temperature}"
         + (f", until step {distillation.stop_step})" if distillation.stop_step
            is not None else ")"))
-  eval_fn = jax.jit(train_step_lib.make_eval_step(model, loss_cfg),
-                    in_shardings=(shardings.params, bsh))
+  eval_fn = jax.jit(train_step_lib.make_eval_step(layout.model, loss_cfg),
+                    in_shardings=(shardings.params, partitioner.batch_sharding))
   train_writer, eval_writer = writers if writers is not None else (None, None)
-  tokens_per_step = int(np.prod(batch_shapes["decoder_target_tokens"].shape))
+  tokens_per_step = int(np.prod(layout.batch_shapes["decoder_target_tokens"].shape))
   throughput = metrics_lib.Throughput(flops_per_token or 0.0, peak_flops)
 
   losses: list[float] = []
   eval_history: list[tuple[int, dict]] = []
   pending: Optional[tuple[int, dict]] = None
-  preemption = _preemption_handler() if ckpt is not None else None
+  preemption = _signal_handler() if ckpt is not None else None
   stopped_early = False
   t_start = time.perf_counter()
   try:
-    with partitioning.with_sharding(mesh, rules):
+    with partitioner.activate():
       for step in range(start, cfg.train_steps):
         try:
           local = next(train_data)
@@ -262,10 +295,11 @@ def train(model: nn.Module,
         if teacher is not None and not distillation.active_at(step):
           say(f"Distillation stopped at step {step}; cross-entropy only from here.")
           teacher = distill_fn = None  # the plain step has no teacher in it
+        batch = partitioner.global_batch(local)
         if teacher is not None:
-          state, m = distill_fn(state, global_batch(local, mesh), teacher.params)
+          state, m = distill_fn(state, batch, teacher.params)
         else:
-          state, m = step_fn(state, global_batch(local, mesh))
+          state, m = step_fn(state, batch)
         if pending is not None:
           losses.append(_check_finite(*pending))
         pending = (step + 1, m)
@@ -286,7 +320,7 @@ def train(model: nn.Module,
             train_writer.write_scalars(done, host)
 
         if cfg.eval_period and eval_data is not None and done % cfg.eval_period == 0:
-          ev = evaluate(eval_fn, state.params, eval_data(), mesh, rules, cfg.eval_steps)
+          ev = evaluate(eval_fn, state.params, eval_data(), partitioner, cfg.eval_steps)
           if decode_eval_fn is not None:
             ev = dict(ev or {}, **decode_eval_fn(done, state.params))
           eval_history.append((done, ev))
@@ -298,14 +332,19 @@ def train(model: nn.Module,
 
         if ckpt is not None:
           last = done == cfg.train_steps
-          preempted = preemption is not None and preemption.should_stop(done)
+          # Every process asks the JAX preemption service at every step.
+          preempted = ckpt.reached_preemption(done)
+          preempted = (preemption is not None and preemption.should_stop(done)) or preempted
           if last or preempted or ckpt.should_save(done):
             if pending is not None:
               losses.append(_check_finite(*pending))
               pending = None
-            data_state = (train_data.get_state()
-                          if hasattr(train_data, "get_state") else None)
-            ckpt.save(done, state, data_state, force=last or preempted)
+            if hasattr(train_data, "save"):
+              ckpt.save(done, state, force=last or preempted, data_iterator=train_data)
+            else:
+              data_state = (train_data.get_state()
+                            if hasattr(train_data, "get_state") else None)
+              ckpt.save(done, state, data_state, force=last or preempted)
           if preempted:
             say(f"Preempted: saved step {done}; exiting.")
             stopped_early = True

@@ -1,9 +1,11 @@
 """Training metrics: MoE layer statistics, throughput/MFU, and writers.
 
-MoE layers sow unweighted statistics into the ``intermediates`` collection
-(names in ``moe_jax.layers.moe_config.METRIC_NAMES``). :func:`moe_metrics`
-turns that tree into flat scalars named ``moe/<layer path>/<metric>``;
-``expert_load`` (``<float>[num_experts]``, fractions summing to 1) becomes
+MoE layers sow unweighted statistics into the ``intermediates`` collection,
+named in the one registry ``moe_jax/layers/moe_metrics.py``.
+:func:`moe_metrics` turns that tree into flat scalars named
+``moe/<layer path>/<metric>`` (a scanned stack's layers get the names of the
+unrolled stack when the model config is given); per-expert vectors such as
+``expert_load`` (``<float>[num_experts]``, fractions summing to 1) become
 ``expert_load_max`` = ``num_experts * max(load)`` (1.0 means perfectly
 balanced, ``num_experts`` means one expert took everything).
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import time
 from typing import Any, Mapping, Optional
 
@@ -23,56 +26,78 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_jax.layers import moe_config
+from moe_jax.layers import moe_metrics as mm
 
 logger = logging.getLogger("moe_jax.train")
 
-_SCALAR_MOE = (moe_config.AUX_LOSS, moe_config.Z_LOSS,
-               moe_config.DROPPED_FRACTION, moe_config.ROUTER_CONFIDENCE)
+_SCANNED_LAYER = re.compile(r"layer_(\d+)")
 
 
 def _path_names(path) -> list[str]:
-  out = []
-  for k in path:
-    for attr in ("key", "name"):
-      if hasattr(k, attr):
-        out.append(str(getattr(k, attr)))
-        break
-    # Sequence indices (sow tuples) are dropped from the name.
-  return out
+  """Dict keys / attribute names of a tree path (sow tuple indices dropped)."""
+  return [str(getattr(k, "key", getattr(k, "name", ""))) for k in path
+          if hasattr(k, "key") or hasattr(k, "name")]
 
 
-def moe_metrics(intermediates: Any) -> dict[str, jax.Array]:
+def logged_name(metric: str) -> str:
+  """The logged name of a sown metric (per-expert vectors log their max)."""
+  return f"{metric}_max" if mm.REGISTRY[metric].per_expert else metric
+
+
+def _scan_period(config: Any, stack: str) -> int:
+  moe = config.stack_moe(stack)
+  return getattr(config, f"{stack}_layout").scan_period(
+      getattr(config, f"num_{stack}_layers"), moe.num_experts if moe else 0)
+
+
+def _per_layer(names: list[str], leaf: jax.Array, config: Optional[Any]
+               ) -> list[tuple[str, jax.Array]]:
+  """``[(layer path, value)]`` of one sown leaf; a scanned leaf (stacked over
+  blocks, path ``<stack>/layers/layers/layer_j/...``) is unstacked into the
+  unrolled names ``<stack>/layers/layers_<block*period+j>/...`` when
+  ``config`` is given, else averaged over blocks."""
+  scanned = [i for i, n in enumerate(names) if _SCANNED_LAYER.fullmatch(n)]
+  if not scanned or config is None:
+    return [("/".join(names) or "moe", leaf)]
+  i = scanned[-1]
+  j, stack = int(_SCANNED_LAYER.fullmatch(names[i]).group(1)), names[0]
+  period = _scan_period(config, stack)
+  head, tail = names[:i - 1], names[i + 1:]
+  return [("/".join(head + [f"layers_{b * period + j}"] + tail), leaf[b])
+          for b in range(leaf.shape[0])]
+
+
+def moe_metrics(intermediates: Any, config: Optional[Any] = None) -> dict[str, jax.Array]:
   """Flat per-layer MoE scalars from a model's ``intermediates`` tree.
 
   Args:
     intermediates: the ``intermediates`` collection (nested dicts; sown
       values are tuples of arrays, possibly stacked over scanned layers).
+    config: the model's ``T5Config``, to name a scanned stack's layers as
+      the unrolled ones (``None``: scanned values are averaged over blocks).
 
   Returns:
-    ``{"moe/<layer>/<metric>": <float32>[]}`` and, over all layers,
-    ``moe/mean/<metric>``.
+    ``{"moe/<layer>/<metric>": <float32>[]}`` for every logged metric of
+    the registry, and, over all layers, ``moe/mean/<metric>``.
   """
+  logged = mm.logged_names()
   out: dict[str, jax.Array] = {}
   per_metric: dict[str, list[jax.Array]] = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(intermediates)[0]:
     names = _path_names(path)
-    if not names or names[-1] not in moe_config.METRIC_NAMES:
+    if not names or names[-1] not in logged:
       continue
-    metric = names[-1]
-    layer = "/".join(names[:-1]) or "moe"
-    leaf = jnp.asarray(leaf, jnp.float32)
-    if metric == moe_config.EXPERT_LOAD:
-      num_experts = leaf.shape[-1]
-      metric = "expert_load_max"
-      value = num_experts * jnp.max(leaf, axis=-1).mean()
-    else:
-      value = leaf.mean()
-    key = f"moe/{layer}/{metric}"
-    if key in out:  # a layer called twice: average its tuple entries
-      value = (out[key] + value) / 2
-    out[key] = value
-    per_metric.setdefault(metric, []).append(value)
+    metric, per_expert = logged_name(names[-1]), mm.REGISTRY[names[-1]].per_expert
+    for layer, value in _per_layer(names[:-1], jnp.asarray(leaf, jnp.float32), config):
+      if per_expert:
+        value = value.shape[-1] * jnp.max(value, axis=-1).mean()
+      else:
+        value = value.mean()
+      key = f"moe/{layer}/{metric}"
+      if key in out:  # a layer called twice: average its tuple entries
+        value = (out[key] + value) / 2
+      out[key] = value
+      per_metric.setdefault(metric, []).append(value)
   for metric, values in per_metric.items():
     out[f"moe/mean/{metric}"] = jnp.mean(jnp.stack(values))
   return out
@@ -81,32 +106,6 @@ def moe_metrics(intermediates: Any) -> dict[str, jax.Array]:
 # ----------------------------------------------------------------------------
 # Throughput and MFU
 # ----------------------------------------------------------------------------
-def count_params(params: Any) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
-
-
-def active_params(params: Any, num_experts: int = 1,
-                  num_selected_experts: int = 1) -> int:
-  """Parameters a token passes through: expert weights count ``k/E``.
-
-  A leaf is an expert weight when its path contains ``expert`` (the
-  ``moe_jax`` naming) and its leading dimension equals ``num_experts`` (or,
-  for bi-level routing's ``[E_outer, E_inner, ...]``, its two leading ones
-  multiply to it).
-  """
-  total = 0.0
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    names = "/".join(_path_names(path)).lower()
-    size = float(np.prod(leaf.shape))
-    leading = leaf.shape[0] if leaf.ndim >= 3 else 0
-    if leaf.ndim >= 4 and leaf.shape[0] * leaf.shape[1] == num_experts:
-      leading = num_experts  # bi-level experts: [E_outer, E_inner, ...]
-    if num_experts > 1 and "expert" in names and leading == num_experts:
-      size *= num_selected_experts / num_experts
-    total += size
-  return int(total)
-
-
 def train_flops_per_token(active_param_count: int) -> float:
   """``6 * N`` model FLOPs per trained token (forward 2N + backward 4N).
 
@@ -201,10 +200,7 @@ def format_console(step: int, metrics: Mapping[str, float], prefix: str = "train
     values = [v for k, v in metrics.items() if k.endswith("/" + metric)]
     if values:
       parts.append(f"{metric} {sum(values) / len(values):.1f}")
-  short = {"aux_loss": "aux", "z_loss": "rz", "dropped_fraction": "drop",
-           "expert_load_max": "load_max", "router_confidence": "conf",
-           "experts_per_token": "ept", "cmr_gate_mean": "cmr_gate",
-           "aux_loss_outer": "aux_outer", "aux_loss_inner": "aux_inner"}
+  short = {logged_name(m.name): m.short for m in mm.REGISTRY.values()}
   moe_mean = [f"{short.get(k.split('/')[-1], k)} {v:.3g}"
               for k, v in sorted(metrics.items()) if k.startswith("moe/mean/")]
   if moe_mean:

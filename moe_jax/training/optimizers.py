@@ -238,11 +238,8 @@ def make_optimizer(name: str = "adafactor",
 # ----------------------------------------------------------------------------
 # Optimizer-state shardings
 # ----------------------------------------------------------------------------
-def _key_name(k) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
+def _names(path) -> tuple[str, ...]:
+  return tuple(jax.tree_util.keystr((k,), simple=True) for k in path)
 
 
 def opt_state_shardings(abstract_opt_state: Any, abstract_params: Any,
@@ -261,14 +258,14 @@ def opt_state_shardings(abstract_opt_state: Any, abstract_params: Any,
       param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
   by_path = {}
   for (path, leaf), sharding in zip(param_leaves, shard_leaves):
-    names = tuple(_key_name(k) for k in path)
+    names = _names(path)
     spec = tuple(sharding.spec) + (None,) * (len(leaf.shape) - len(sharding.spec))
     by_path[names] = (tuple(leaf.shape), spec)
   max_len = max((len(k) for k in by_path), default=0)
 
   def for_leaf(path, leaf):
-    shape = tuple(getattr(leaf, "shape", ()))
-    names = tuple(_key_name(k) for k in path)
+    shape = tuple(leaf.shape)
+    names = _names(path)
     for n in range(min(len(names), max_len), 0, -1):
       hit = by_path.get(names[-n:])
       if hit is None:

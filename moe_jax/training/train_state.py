@@ -1,13 +1,16 @@
-"""The train state and its sharded initialization.
+"""The train state, its layout on the mesh, and its sharded initialization.
 
-The state is created *directly sharded*: ``jax.jit(init, out_shardings=...)``
-with the shardings computed from ``jax.eval_shape`` of the model's init and
-the logical-axis rules, so no parameter is ever materialized whole on one
-device.
+:class:`StateLayout` is derived once per run from the model, the optimizer
+and a :class:`~moe_jax.partitioning.Partitioner`: the abstract state
+(``jax.eval_shape`` of the init), its ``NamedSharding`` tree and the
+parameters' logical axes. The state is created *directly sharded*
+(``jax.jit(init, out_shardings=...)``), so no parameter is ever materialized
+whole on one device.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -15,7 +18,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moe_jax import partitioning
 from moe_jax.training import optimizers
@@ -100,56 +102,97 @@ def _param_init_fn(model: nn.Module, batch_shapes) -> Callable[[jax.Array], Any]
   return init
 
 
-def state_shardings(model: nn.Module, tx: optax.GradientTransformation,
-                    mesh: Mesh, rules, batch_shapes) -> tuple[TrainState, TrainState]:
-  """Abstract train state and its ``NamedSharding`` tree.
+def _unboxed(boxed: Any) -> Any:
+  """The abstract leaves of a boxed tree, without sharding constraints (the
+  caller may run under a mesh, where ``nn.unbox`` would add them)."""
+  is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+  return jax.tree_util.tree_map(
+      lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, boxed,
+      is_leaf=is_box)
 
-  Returns:
-    ``(abstract_state, shardings)``, both ``TrainState``s; the first holds
-    ``jax.ShapeDtypeStruct`` leaves (use it for checkpoint restore).
+
+@dataclasses.dataclass(frozen=True)
+class StateLayout:
+  """The train state of one (model, optimizer) on one mesh, derived once.
+
+  Attributes:
+    partitioner: the mesh and logical-axis rules.
+    model, tx: the flax module and the optimizer.
+    batch_shapes: global batch shapes used to trace the init
+      (:func:`dummy_batch`; parameter shapes do not depend on them).
+    abstract: ``TrainState`` of ``jax.ShapeDtypeStruct`` leaves (use it for
+      checkpoint restore and lowering).
+    shardings: ``TrainState`` of ``NamedSharding`` leaves.
+    param_axes: the params' logical axis names (``PartitionSpec`` of logical
+      names per leaf, ``None`` for unannotated leaves).
   """
-  init = _param_init_fn(model, batch_shapes)
-  key = jax.ShapeDtypeStruct((2,), jnp.uint32)
-  with partitioning.with_sharding(mesh, rules):
-    boxed = jax.eval_shape(init, key)
-  param_sh = partitioning.params_shardings(mesh, boxed, rules)
-  params = nn.unbox(boxed)
-  opt = jax.eval_shape(tx.init, params)
-  replicated = NamedSharding(mesh, P())
-  shardings = TrainState(
-      step=replicated, params=param_sh,
-      opt_state=optimizers.opt_state_shardings(opt, params, param_sh, mesh),
-      rng=replicated, tx=tx)
-  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32),
-                        params=params, opt_state=opt, rng=key, tx=tx)
-  return abstract, shardings
+  partitioner: partitioning.Partitioner
+  model: nn.Module
+  tx: optax.GradientTransformation
+  batch_shapes: Mapping[str, jax.ShapeDtypeStruct]
+  abstract: TrainState
+  shardings: TrainState
+  param_axes: Any
+
+  @classmethod
+  def create(cls, model: nn.Module, tx: optax.GradientTransformation,
+             partitioner: partitioning.Partitioner,
+             batch_shapes: Mapping[str, jax.ShapeDtypeStruct]) -> "StateLayout":
+    """Traces the model's init (no arrays are allocated) and derives the shardings."""
+    init = _param_init_fn(model, batch_shapes)
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    with partitioner.activate():
+      boxed = jax.eval_shape(init, key)
+    param_sh = partitioner.params_shardings(boxed)
+    params = _unboxed(boxed)
+    opt = jax.eval_shape(tx.init, params)
+    shardings = TrainState(
+        step=partitioner.replicated, params=param_sh,
+        opt_state=optimizers.opt_state_shardings(opt, params, param_sh,
+                                                 partitioner.mesh),
+        rng=partitioner.replicated, tx=tx)
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32),
+                          params=params, opt_state=opt, rng=key, tx=tx)
+    return cls(partitioner=partitioner, model=model, tx=tx,
+               batch_shapes=dict(batch_shapes), abstract=abstract,
+               shardings=shardings, param_axes=nn.get_partition_spec(boxed))
+
+  @property
+  def mesh(self):
+    return self.partitioner.mesh
+
+  @property
+  def batch_sharding(self):
+    return self.partitioner.batch_sharding
+
+  def init(self, seed: int = 0) -> TrainState:
+    """A fresh state (params and training RNG from ``seed``), created sharded."""
+    init = _param_init_fn(self.model, self.batch_shapes)
+    tx = self.tx
+
+    def create():
+      init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
+      params = nn.unbox(init(init_key))
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                        opt_state=tx.init(params), rng=train_key, tx=tx)
+
+    with self.partitioner.activate():
+      return jax.jit(create, out_shardings=self.shardings)()
 
 
 def init_train_state(model: nn.Module, tx: optax.GradientTransformation,
-                     mesh: Mesh, rules, batch_shapes, seed: int = 0
-                     ) -> tuple[TrainState, TrainState]:
-  """Initializes the train state directly with its final shardings.
+                     partitioner: partitioning.Partitioner, batch_shapes,
+                     seed: int = 0) -> tuple[TrainState, StateLayout]:
+  """``(state, layout)``: a fresh sharded state and its :class:`StateLayout`.
 
   Args:
     model: flax module with T5X's ``__call__`` signature.
     tx: optimizer.
-    mesh: device mesh; rules: logical-axis rules.
+    partitioner: the mesh and logical-axis rules.
     batch_shapes: from :func:`dummy_batch` (the global batch size does not
       change parameter shapes; any size that fits the mesh works).
     seed: parameter and training RNG seed.
-
-  Returns:
-    ``(state, shardings)``.
   """
-  _, shardings = state_shardings(model, tx, mesh, rules, batch_shapes)
-  init = _param_init_fn(model, batch_shapes)
+  layout = StateLayout.create(model, tx, partitioner, batch_shapes)
+  return layout.init(seed), layout
 
-  def create():
-    init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
-    params = nn.unbox(init(init_key))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), rng=train_key, tx=tx)
-
-  with partitioning.with_sharding(mesh, rules):
-    state = jax.jit(create, out_shardings=shardings)()
-  return state, shardings

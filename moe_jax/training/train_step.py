@@ -26,6 +26,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moe_jax import partitioning
+from moe_jax.layers import moe_metrics
 from moe_jax.layers import schedule as step_schedule
 from moe_jax.models import losses
 from moe_jax.training import distillation as distillation_lib
@@ -62,11 +63,9 @@ class LossConfig:
 
 
 
-# Weighted MoE term (losses.weighted_moe_losses name) -> metric / sums key.
-MOE_LOSS_METRICS = {"aux_loss": "moe_aux_loss",
-                    "router_z_loss": "moe_router_z_loss",
-                    losses.CLUSTER_LOSS: "moe_cluster_loss",
-                    losses.CMR_BUDGET_LOSS: "cmr_budget_loss"}
+# Metric / sums keys of the weighted MoE loss terms (the metric registry's
+# ``loss_key``s, in registry order).
+MOE_LOSS_KEYS = tuple(m.loss_key for m in moe_metrics.loss_metrics())
 
 
 def token_losses(logits: jax.Array, targets: jax.Array, weights: jax.Array,
@@ -122,13 +121,7 @@ def forward(model: nn.Module, params: Any, batch: Batch, cfg: LossConfig,
   inter = mutables.get("intermediates", {})
   weights = _loss_weights(batch)
   sums = token_losses(logits, batch["decoder_target_tokens"], weights, cfg)
-  weighted = losses.weighted_moe_losses(
-      inter, aux_loss_factor=cfg.aux_loss_factor,
-      router_z_loss_factor=cfg.router_z_loss_factor,
-      cluster_loss_factor=cfg.cluster_loss_factor,
-      cmr_budget_loss_factor=cfg.cmr_budget_loss_factor)
-  for name, value in weighted.items():
-    sums[MOE_LOSS_METRICS[name]] = value
+  sums.update(losses.weighted_moe_losses(inter, dataclasses.asdict(cfg)))
   if teacher is not None:
     sums["distillation_sum"] = teacher.loss_sum(batch, logits, weights)
   return sums, metrics_lib.moe_metrics(inter)
@@ -152,7 +145,7 @@ def _split_microbatches(batch: Batch, num_microbatches: int, mesh: Optional[Mesh
 
 
 def _moe_loss_keys(sums: Mapping[str, Any]) -> list[str]:
-  return [k for k in MOE_LOSS_METRICS.values() if k in sums]
+  return [k for k in MOE_LOSS_KEYS if k in sums]
 
 
 def loss_and_grads(model: nn.Module, params: Any, batch: Batch, cfg: LossConfig,
@@ -289,6 +282,20 @@ def jit_train_step(train_step, state_shardings, batch_sharding,
                  donate_argnums=(0,))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Batch dim over ``('data', 'fsdp', 'expert')``; the rest replicated."""
-  return NamedSharding(mesh, P(partitioning.BATCH_MESH_AXES))
+def jitted_train_step(layout: train_state_lib.StateLayout, cfg: LossConfig,
+                      schedule: Optional[optax.Schedule] = None,
+                      num_microbatches: int = 1,
+                      teacher: Optional["distillation_lib.Teacher"] = None):
+  """The sharded, jitted train step of ``layout``'s model and optimizer.
+
+  ``step(state, batch) -> (state, metrics)``, or with a loaded distillation
+  ``teacher`` ``step(state, batch, teacher.params)``. The state is donated.
+  ``moe-train``'s loop and ``Experiment.lower_step`` (``moe-compile``) both
+  build their step here, so they compile the same program.
+  """
+  distill = None if teacher is None else (teacher.model, teacher.config)
+  fn = make_train_step(layout.model, cfg, schedule, num_microbatches, layout.mesh,
+                       distillation=distill)
+  return jit_train_step(fn, layout.shardings, layout.batch_sharding,
+                        None if teacher is None else teacher.shardings)
+
