@@ -32,21 +32,14 @@ from moe_jax import gin_utils
 def run(gin_files: Sequence[str], bindings: Sequence[str] = (),
         search_paths: Sequence[str] = (), log_fn=print) -> dict:
   """Parses gin and evaluates; returns the metrics ``{task: {metric: value}}``."""
-  from moe_jax import models  # pylint: disable=g-import-not-at-top
   from moe_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from moe_jax.evaluation import evaluator, gin_setup, inference  # pylint: disable=g-import-not-at-top
-  gin_setup.parse(gin_files, bindings, search_paths,
-                  log_fn=lambda line: log_fn(f"moe-eval: {line}"))
-  checkpoint = gin_setup.required("CHECKPOINT_PATH")
-  output_dir = gin_setup.required("EVAL_OUTPUT_DIR")
-  name = gin_setup.required("MIXTURE_OR_TASK_NAME")
-  lengths = dict(gin_setup.required("TASK_FEATURE_LENGTHS"))
-  partitioner = gin_setup.partitioner()
-  config = gin_setup.model_config()
-  model = models.build_model(config)
-  params = inference.load_params(checkpoint, model, partitioner)
+  from moe_jax.evaluation import evaluator, gin_setup  # pylint: disable=g-import-not-at-top
+  checkpoint, output_dir, name, lengths = gin_setup.parse_required(
+      "moe-eval", gin_files, bindings, search_paths, log_fn, "CHECKPOINT_PATH",
+      "EVAL_OUTPUT_DIR", "MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS")
+  model, params, partitioner = gin_setup.load_model(checkpoint)
   evals = pipeline.get_eval_datasets(
-      name, lengths, gin_setup.macro("EVAL_BATCH_SIZE", 32),
+      name, dict(lengths), gin_setup.macro("EVAL_BATCH_SIZE", 32),
       split=gin_setup.macro("EVAL_SPLIT", "validation"), shard_index=0, num_shards=1,
       max_examples=gin_setup.macro("EVAL_MAX_EXAMPLES", None))
   spec = gin_setup.decode_spec()

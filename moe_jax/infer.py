@@ -80,22 +80,17 @@ def run(gin_files: Sequence[str], bindings: Sequence[str] = (),
         search_paths: Sequence[str] = (), log_fn=print) -> str:
   """Parses gin and decodes the input file; returns the output path."""
   import jax  # pylint: disable=g-import-not-at-top
-  from moe_jax import models  # pylint: disable=g-import-not-at-top
   from moe_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from moe_jax.evaluation import gin_setup, inference  # pylint: disable=g-import-not-at-top
-  gin_setup.parse(gin_files, bindings, search_paths,
-                  log_fn=lambda line: log_fn(f"moe-infer: {line}"))
-  checkpoint = gin_setup.required("CHECKPOINT_PATH")
-  input_file = gin_setup.required("INFER_INPUT_FILE")
+  checkpoint, input_file, lengths, task = gin_setup.parse_required(
+      "moe-infer", gin_files, bindings, search_paths, log_fn, "CHECKPOINT_PATH",
+      "INFER_INPUT_FILE", "TASK_FEATURE_LENGTHS", "MIXTURE_OR_TASK_NAME")
   output_file = gin_setup.macro("INFER_OUTPUT_FILE", None)
   if output_file is None:
     output_file = os.path.join(gin_setup.required("INFER_OUTPUT_DIR"), "predictions.txt")
-  lengths = dict(gin_setup.required("TASK_FEATURE_LENGTHS"))
-  provider = pipeline.ensure_registered(gin_setup.required("MIXTURE_OR_TASK_NAME"))
+  provider = pipeline.ensure_registered(task)
   vocab = provider.output_features["inputs"].vocabulary
-  partitioner = gin_setup.partitioner()
-  model = models.build_model(gin_setup.model_config())
-  params = inference.load_params(checkpoint, model, partitioner)
+  model, params, partitioner = gin_setup.load_model(checkpoint)
   spec = gin_setup.decode_spec(default_length=lengths["targets"])
   predictor = inference.Predictor(model, params, partitioner, spec)
   texts = read_inputs(input_file, gin_setup.macro("INFER_INPUT_FORMAT", None),

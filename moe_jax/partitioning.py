@@ -12,6 +12,11 @@ The mesh axes play these roles:
 * ``data``   -- pure data parallelism (params replicated).
 * ``fsdp``   -- data parallelism whose large non-expert weights are sharded
   (ZeRO-3 / FSDP); gathered per layer by XLA.
+  With ``zero_sharding`` (:func:`standard_logical_rules`) the non-expert
+  weights -- and with them their optimizer state -- are sharded over *all*
+  batch axes ``('data', 'fsdp', 'expert')`` instead (ZeRO-3 over every
+  data-parallel replica), gathered per layer; expert weights stay on
+  ``expert`` (and ``fsdp``).
 * ``expert`` -- expert parallelism. Non-expert layers are *also* data-parallel
   over this axis, so activations are batch-sharded over
   ``('data', 'fsdp', 'expert')``; expert weights shard their leading expert
@@ -45,16 +50,26 @@ BATCH_MESH_AXES = ("data", "fsdp", "expert")
 LogicalRules = Sequence[tuple[str, Any]]
 
 
-def standard_logical_rules(fsdp_params: bool = True) -> tuple[tuple[str, Any], ...]:
+def standard_logical_rules(fsdp_params: bool = True,
+                           zero_sharding: bool = False) -> tuple[tuple[str, Any], ...]:
   """The default logical -> mesh axis rules.
 
   Args:
     fsdp_params: shard the ``embed`` dimension of non-expert weights over the
       ``fsdp`` mesh axis (FSDP). Activations are unaffected: their batch
       dimension claims ``fsdp`` first, and a mesh axis is used once per array.
+    zero_sharding: shard the ``embed`` dimension of non-expert weights over
+      every batch axis ``('data', 'fsdp', 'expert')`` (ZeRO-3: no replica
+      keeps a whole copy of them or of their optimizer state; XLA gathers
+      each layer's weights before use). Expert weights ``[expert, embed,
+      mlp]`` have ``expert`` taken already, so that rule does not apply to
+      them and their ``embed`` falls through to ``fsdp`` (with
+      ``fsdp_params``). Activations are unaffected, as above.
 
   Order matters: flax assigns each mesh axis to the first logical axis (in
-  rule order) of an array that asks for it, so ``batch`` precedes ``embed``.
+  rule order) of an array that asks for it, so ``batch`` precedes ``embed``;
+  of two rules for one logical axis the first whose mesh axes are all
+  still free applies.
   """
   rules = [
       ("batch", BATCH_MESH_AXES),
@@ -70,6 +85,8 @@ def standard_logical_rules(fsdp_params: bool = True) -> tuple[tuple[str, Any], .
       ("length", None),
       ("unmodeled", None),
   ]
+  if zero_sharding:
+    rules.append(("embed", BATCH_MESH_AXES))
   rules.append(("embed", "fsdp" if fsdp_params else None))
   return tuple(rules)
 
@@ -244,15 +261,18 @@ class Partitioner:
   def create(cls, mesh_shape: Optional[Mapping[str, int]] = None,
              dcn_mesh_shape: Optional[Mapping[str, int]] = None,
              devices: Optional[Sequence[jax.Device]] = None,
-             fsdp_params: bool = True) -> "Partitioner":
-    """:func:`make_mesh` (default: every device on ``data``) + the standard rules.
+             fsdp_params: bool = True,
+             zero_sharding: bool = False) -> "Partitioner":
+    """:func:`make_mesh` (default: every device on ``data``) + the standard rules
+    (``fsdp_params``, ``zero_sharding``: :func:`standard_logical_rules`).
 
     Raises:
       ValueError: mesh sizes that do not fit the devices (from :func:`make_mesh`).
     """
     mesh = make_mesh(mesh_shape or {"data": -1}, devices=devices,
                      dcn_axis_sizes=dcn_mesh_shape)
-    return cls(mesh, standard_logical_rules(fsdp_params=fsdp_params))
+    return cls(mesh, standard_logical_rules(fsdp_params=fsdp_params,
+                                            zero_sharding=zero_sharding))
 
   def activate(self):
     """Context manager: the mesh and the rules active (:func:`with_sharding`)."""
@@ -261,6 +281,11 @@ class Partitioner:
   def sharding(self, logical_axes: Sequence[Optional[str]]) -> NamedSharding:
     """``NamedSharding`` of an array with these logical axis names."""
     return logical_sharding(self.mesh, logical_axes, self.rules)
+
+  @property
+  def zero_sharding(self) -> bool:
+    """Whether the rules shard non-expert weights over every batch axis."""
+    return ("embed", BATCH_MESH_AXES) in self.rules
 
   @property
   def replicated(self) -> NamedSharding:

@@ -18,7 +18,7 @@ Flags:
 
 A run resumes from the newest checkpoint in MODEL_DIR that restores; a
 damaged one is skipped (kept as ``<step>.damaged``), or, with
-``--gin.train.on_damaged_checkpoint="'refuse'"``, stops the run. Exit codes:
+``--gin.train.on_damaged_checkpoint=refuse``, stops the run. Exit codes:
 0 done (or preempted and saved), 2 bad flags/config/checkpoints, 3 the loss
 became non-finite.
 

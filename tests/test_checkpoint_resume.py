@@ -60,13 +60,19 @@ class _Examples:
             "decoder_loss_weights": np.ones((BATCH, LENGTH), np.int32)}
 
 
-def _setup():
+# The aux-loss-free variant: its selection bias (a non-trainable parameter
+# moved by a rule each step) must resume exactly too.
+MOE_VARIANTS = {"plain": {}, "aux_free_bias": dict(expert_bias_update_rate=0.01,
+                                                   score_function="sigmoid")}
+
+
+def _setup(variant="plain"):
   cfg = models.T5Config(
       vocab_size=VOCAB, d_model=16, num_heads=2, d_kv=8, d_ff=32,
       num_encoder_layers=0, num_decoder_layers=1, dropout_rate=0.1,
       decoder_only=True,
       moe=MoeConfig(num_experts=4, num_selected_experts=2, d_ff=16, group_size=16,
-                    min_expert_capacity=2),
+                    min_expert_capacity=2, **MOE_VARIANTS[variant]),
       decoder_layout=models.SparseLayout(kind="all"))
   model = models.build_model(cfg)
   tx = optimizers.make_optimizer(
@@ -98,17 +104,19 @@ def compilation_cache(tmp_path):
   cc.reset_cache()
 
 
-def _run(model_dir, data):
+def _run(model_dir, data, variant="plain"):
   cfg = loop.LoopConfig(train_steps=20, log_period=1000, checkpoint_period=4,
                         keep_checkpoints=2, seed=3)
-  return loop.train(_setup(), data, cfg, model_dir=model_dir,
+  return loop.train(_setup(variant), data, cfg, model_dir=model_dir,
                     log_fn=lambda _: None)
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_resume_after_sigterm_matches_straight_run(tmp_path, compilation_cache):  # pylint: disable=redefined-outer-name,unused-argument
+@pytest.mark.parametrize("variant", sorted(MOE_VARIANTS))
+def test_resume_after_sigterm_matches_straight_run(tmp_path, compilation_cache, variant):  # pylint: disable=redefined-outer-name,unused-argument
+  _run_ = lambda d, data: _run(d, data, variant)  # noqa: E731
   straight_data = _Examples()
-  straight = _run(str(tmp_path / "straight"), straight_data)
+  straight = _run_(str(tmp_path / "straight"), straight_data)
   assert len(straight.losses) == 20 and not straight.stopped_early
 
   resumed_dir = str(tmp_path / "resumed")
@@ -116,14 +124,14 @@ def test_resume_after_sigterm_matches_straight_run(tmp_path, compilation_cache):
   # The loop installs its own handler over this one; this one only keeps a
   # loop that forgot to from letting SIGTERM kill the whole test session.
   with preemption.PreemptionHandler() as fallback:
-    first = _run(resumed_dir, first_data)
+    first = _run_(resumed_dir, first_data)
   assert fallback.signal_count == 0, "the training loop did not catch SIGTERM"
   assert first.stopped_early and len(first.losses) == 10
   assert sorted(int(d) for d in os.listdir(resumed_dir) if d.isdigit()) == [8, 10]
   np.testing.assert_array_equal(first.losses, straight.losses[:10])
 
   second_data = _Examples()      # fresh iterator: the checkpoint moves it to batch 10
-  second = _run(resumed_dir, second_data)
+  second = _run_(resumed_dir, second_data)
   assert not second.stopped_early and len(second.losses) == 10
   # Bitwise-identical losses for steps 11-20, and the same examples.
   np.testing.assert_array_equal(np.asarray(second.losses), np.asarray(straight.losses[10:]))
@@ -134,3 +142,7 @@ def test_resume_after_sigterm_matches_straight_run(tmp_path, compilation_cache):
   for a, b in zip(jax.tree_util.tree_leaves(second.state.params),
                   jax.tree_util.tree_leaves(straight.state.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  if variant == "aux_free_bias":  # the bias moved, and resumed where it was
+    bias = np.asarray(straight.state.params["decoder"]["layers"]["layers_0"]["moe"][
+        "expert_bias"])
+    assert np.abs(bias).max() > 0

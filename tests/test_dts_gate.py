@@ -77,8 +77,8 @@ def _combine_matrix(decision, g, s):
 def test_threshold_selection_matches_numpy(step, threshold):
   logits, mask = _router_inputs()
   key = jax.random.key(7)
-  router = dts_gate.DenseToSparseRouter(tau_start=5.0, tau_end=0.01,
-                                        anneal_steps=1000, threshold=threshold)
+  router = dts_gate.DenseToSparseRouter(options=dts_gate.DtsOptions(
+      dts_tau_start=5.0, dts_tau_end=0.01, dts_anneal_steps=1000, dts_threshold=threshold))
   decision = _jit_route(router, step, logits, mask, 1, key)
   tau = 5.0 + (0.01 - 5.0) * step / 1000
   gates, selected = _np_selection(logits, key, tau, threshold, mask)
@@ -103,8 +103,9 @@ def test_capacity_factor_mode_drops_in_rank_major_order():
   logits, mask = _router_inputs(seed=3)
   key = jax.random.key(11)
   cap = 2
-  router = dts_gate.DenseToSparseRouter(tau_start=5.0, tau_end=0.01, anneal_steps=1000,
-                                        threshold=0.1, train_capacity="capacity_factor")
+  router = dts_gate.DenseToSparseRouter(options=dts_gate.DtsOptions(
+      dts_tau_start=5.0, dts_tau_end=0.01, dts_anneal_steps=1000, dts_threshold=0.1,
+      dts_train_capacity="capacity_factor"))
   decision = _jit_route(router, 100, logits, mask, cap, key)
   gates, selected = _np_selection(logits, key, 5.0 + (0.01 - 5.0) * 0.1, 0.1, mask)
   # NumPy reference: every token's best expert claims first, then its 2nd, ...

@@ -47,15 +47,20 @@ def _routing(rng, ep, t, k, zero_rows=()):
   return idx.astype(np.int32), wt
 
 
-@pytest.mark.parametrize("capacity", [None, 7])
+@pytest.mark.parametrize("capacity", [None, 5])
 def test_ragged_index_math_against_numpy_ragged_all_to_all(capacity):
-  ep, t, k = 4, 6, 2
+  ep, t, k = 4, 6, 3
   e_local = E // ep
   rng = np.random.default_rng(0)
   idx, wt = _routing(rng, ep, t, k, zero_rows=[(1, 2), (3, 5)])
   x = rng.normal(size=(ep, t, D)).astype(np.float32)
   plans = [ep_exchange.plan(jnp.asarray(idx[d]), jnp.asarray(wt[d]), e_local, ep)
            for d in range(ep)]
+  # Routes: one per (token, shard) with an assignment there.
+  for d, p in enumerate(plans):
+    want = sum(len({int(e) // e_local for e, w in zip(idx[d, i], wt[d, i]) if w})
+               for i in range(t))
+    assert int(np.asarray(p.present).sum()) == int(np.asarray(p.counts).sum()) == want
   counts = np.stack([np.asarray(p.counts) for p in plans])  # [src, dst]
   default = capacity is None  # the default receive buffer never overflows here
   if default:
@@ -63,39 +68,44 @@ def test_ragged_index_math_against_numpy_ragged_all_to_all(capacity):
   offs = [{n: np.asarray(v) for n, v in ep_exchange.ragged_offsets(
       jnp.asarray(counts), d, capacity).items()} for d in range(ep)]
   starts = [np.asarray(p.starts) for p in plans]
-  sorted_rows = [np.concatenate([x[d], np.zeros((1, D), np.float32)])[
-      np.minimum(np.asarray(p.order) // k, t)] for d, p in enumerate(plans)]
-  sorted_expert = [np.asarray(p.local_expert)[np.asarray(p.order)] for p in plans]
-  recv = np_ragged_all_to_all(sorted_rows, [np.zeros((capacity, D))] * ep, starts,
-                              [o["send_sizes"] for o in offs],
-                              [o["output_offsets"] for o in offs],
-                              [o["recv_sizes"] for o in offs])
-  recv_e = np_ragged_all_to_all(sorted_expert, [np.full(capacity, -1)] * ep, starts,
-                                [o["send_sizes"] for o in offs],
-                                [o["output_offsets"] for o in offs],
-                                [o["recv_sizes"] for o in offs])
-  # Each shard's "experts": row * (1 + global expert id); empty rows stay 0.
-  results = [np.where((e >= 0)[:, None], r * (1 + d * e_local + e)[:, None], 0.0)
-             for d, (r, e) in enumerate(zip(recv, recv_e))]
+  sent = [[np.asarray(a) for a in ep_exchange.gather_routes(jnp.asarray(x[d]), p, p.order)]
+          for d, p in enumerate(plans)]
+  args = ([o["send_sizes"] for o in offs], [o["output_offsets"] for o in offs],
+          [o["recv_sizes"] for o in offs])
+  recv_x = np_ragged_all_to_all([s_[0] for s_ in sent], [np.zeros((capacity, D))] * ep,
+                                starts, *args)
+  recv_e = np_ragged_all_to_all([s_[1] for s_ in sent], [np.full((capacity, k), -1)] * ep,
+                                starts, *args)
+  recv_w = np_ragged_all_to_all([s_[2] for s_ in sent], [np.zeros((capacity, k))] * ep,
+                                starts, *args)
+  # Shard d's "experts": row * (1 + global expert id), weighted and summed.
+  results = [np.einsum("rk,rk,rd->rd", w, np.where(e >= 0, 1 + d * e_local + e, 0), r)
+             for d, (r, e, w) in enumerate(zip(recv_x, recv_e, recv_w))]
   starts_matrix = np.stack(starts)
   back = np_ragged_all_to_all(results, [np.zeros((t * k, D))] * ep,
                               [o["recv_offsets"] for o in offs],
                               [o["recv_sizes"] for o in offs],
                               [starts_matrix[:, d] for d in range(ep)],
                               [o["send_sizes"] for o in offs])
-  fitted = 0
+  lost = 0
   for d, p in enumerate(plans):
-    pos = np.asarray(ep_exchange.ragged_positions(p, jnp.asarray(offs[d]["send_sizes"])))
-    y = np.asarray(ep_exchange.unpermute(jnp.asarray(back[d], jnp.float32),
-                                         jnp.asarray(pos), jnp.asarray(wt[d])))
-    computed = pos < t * k  # assignments that fitted the receive buffers
-    fitted += int(computed.sum())
-    want = np.einsum("tk,tk,td->td", wt[d], (1 + idx[d]) * computed.reshape(t, k), x[d])
+    pos = ep_exchange.ragged_positions(p, jnp.asarray(offs[d]["send_sizes"]))
+    y = np.asarray(ep_exchange.combine_routes(jnp.asarray(back[d], jnp.float32), pos, t))
+    lost += float(ep_exchange.overflow_assignments(p, pos, t * k))
+    # Which assignments were computed: those whose route got a row.
+    computed = np.zeros((t, k), bool)
+    route_ok = np.asarray(pos) < t * k
+    dest = np.asarray(p.dest).reshape(t, k)
+    for i in range(t):
+      for j in range(k):
+        shard = idx[d, i, j] // e_local
+        computed[i, j] = wt[d, i, j] != 0 and any(
+            route_ok[i * k + r] and dest[i, r] == shard for r in range(k))
+    want = np.einsum("tk,tk,td->td", wt[d], (1 + idx[d]) * computed, x[d])
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
-  sent = int((wt != 0).sum())
-  overflow = sum(int(o["overflow"]) for o in offs)
-  assert fitted + overflow == sent
-  assert (overflow == 0) == default
+    lost_here = int(((wt[d] != 0) & ~computed).sum())
+    assert float(ep_exchange.overflow_assignments(p, pos, t * k)) == lost_here
+  assert (lost == 0) == default
 
 
 def make(**kw):
@@ -162,8 +172,9 @@ def test_overflow_is_counted_and_reported():
   bias = jnp.zeros((E,)).at[0].set(30.0).at[1].set(20.0)
   params = {"params": {**params["params"], "router_bias": bias}}
   (_, dropped), _ = _sharded(layer, params, x, mask, dict(data=1, expert=8))[0]
-  # Each device (one sequence: 8 tokens x 2 choices) sends 8 assignments to
-  # each of shards 0 and 1, whose buffers hold B rows per peer.
+  # Each device (one sequence: 8 tokens x 2 choices) sends 8 routes (one per
+  # token) to each of shards 0 and 1, whose buffers hold B rows per peer; a
+  # route that overflows loses its one assignment.
   rows = ep_exchange.buffer_rows(8, 2, 8, 0.01)
   assert rows < 8
   assert float(dropped) == pytest.approx(8 * 2 * (8 - rows) / 128, abs=1e-6)

@@ -87,3 +87,31 @@ def test_collective_counts_unchanged(case):
     want = dict(json.load(f)[f"{name}@{','.join(f'{k}={v}' for k, v in mesh.items())}"])
   want["all-gather"] -= TOP_K_ALL_GATHERS_REMOVED.get(name, 1)
   assert generate.collectives(name, mesh) == want
+
+
+def test_pre_redesign_checkpoint_restores_with_the_same_logits():
+  """A checkpoint the old code wrote restores into today's model unchanged:
+  the same parameter paths, and the logits the pre-redesign code computed
+  from it (``.expected.json``: commit 9d7d71e, eval mode, on
+  :func:`generate.model_batch`)."""
+  from flax.traverse_util import flatten_dict  # pylint: disable=g-import-not-at-top
+  from moe_jax import models  # pylint: disable=g-import-not-at-top
+  from moe_jax.checkpoints import formats  # pylint: disable=g-import-not-at-top
+  from moe_jax.models import config as config_lib  # pylint: disable=g-import-not-at-top
+  from moe_jax.training import train_state  # pylint: disable=g-import-not-at-top
+  ckpt = os.path.join(HERE, "golden", "checkpoints", "mixed_pre_redesign")
+  with open(ckpt + ".expected.json") as f:
+    want = json.load(f)
+  cfg = config_lib.load_json(os.path.join(ckpt, config_lib.CONFIG_FILE))
+  params, _, step = formats.load_moe_jax_params(ckpt)
+  assert step == want["step"]
+  paths = sorted("".join(f"['{k}']" for k in p) for p in flatten_dict(params))
+  assert paths == sorted(want["param_paths"])
+  batch = {k: v for k, v in generate.model_batch(cfg.decoder_only).items()
+           if "route_ids" not in k}
+  args, kwargs = train_state.model_inputs(batch)
+  logits = np.asarray(models.build_model(cfg).apply(
+      {"params": params}, *args, **kwargs, enable_dropout=False), np.float64)
+  np.testing.assert_allclose(logits.max(-1), want["logits_max"], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(generate.fingerprint(logits), want["logits_fingerprint"],
+                             rtol=1e-6)

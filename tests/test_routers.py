@@ -62,7 +62,7 @@ class UniformRouter:
   def rng_mode(self, train):
     return None
 
-  def route(self, logits, padding_mask, capacity, rng=None):
+  def route(self, logits, padding_mask, capacity, rng=None, selection_bias=None):
     g, s, e = logits.shape
     mask = routing.as_mask(padding_mask, (g, s))
     index = (jnp.arange(s)[None, :, None] % e).repeat(g, 0)  # [G, S, 1]

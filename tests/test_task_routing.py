@@ -67,7 +67,7 @@ def test_all_tokens_with_one_id_choose_the_same_experts():
   ids = np.array([[1, 1, 2, 0], [3, 3, 3, 2]], np.int32)
   x = np.zeros(ids.shape + (4,), np.float32)
   params = probe.init(jax.random.PRNGKey(1), x, route_ids=ids)["params"]
-  logits = np.asarray(probe.apply({"params": params}, x, route_ids=ids))
+  logits = np.asarray(probe.apply({"params": params}, x, route_ids=ids)[0])
   table = np.asarray(nn.unbox(params)["router_kernel"])
   np.testing.assert_array_equal(logits, table[ids])
   chosen = np.asarray(jax.lax.top_k(logits, K)[1])

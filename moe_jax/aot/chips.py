@@ -13,6 +13,16 @@ Each figure is taken from the generation's Cloud TPU documentation page
 * v6e -- https://cloud.google.com/tpu/docs/v6e: 918 TFLOP/s bf16, HBM
   32 GB, 1638 GB/s. One TensorCore per chip.
 
+Host memory and the host link (for host offload, ``pinned_host``):
+
+* host RAM per chip is the TPU VM's RAM over its chips, from the same pages:
+  v5e 512 GiB and v6e 1536 GiB per 8-chip host; v5p 448 GB per 4-chip VM.
+  The v4 page gives none (0: unknown).
+* host <-> HBM bandwidth per chip (PCIe, each way) is not on the Cloud TPU
+  pages; it is from "How to Scale Your Model" (Austin et al., Google
+  DeepMind, https://jax-ml.github.io/scaling-book/tpus/): about 1.5e10
+  bytes/s per chip, 16 GB/s each way on v4, 32 GB/s on v6e.
+
 HBM sizes are taken as GiB (2**30 bytes): that is the unit XLA reports in
 its out-of-memory errors (e.g. ``available HBM (15.75G)`` for a v5e chip,
 slightly below 16 GiB because the runtime reserves some). Bandwidths are
@@ -41,6 +51,8 @@ class ChipSpec:
     dims: 3 for a 3D torus (``AxBxC``), 2 for a 2D torus (``AxB``).
     max_slice_chips: the largest single slice.
     source: the documentation page the figures come from.
+    host_memory_bytes: host RAM per chip (0: not published).
+    host_bytes_per_s: host <-> HBM bandwidth per chip, each way.
   """
   generation: str
   device_kind: str
@@ -51,17 +63,23 @@ class ChipSpec:
   dims: int
   max_slice_chips: int
   source: str
+  host_memory_bytes: int = 0
+  host_bytes_per_s: float = 0.0
 
 
 CHIPS: dict[str, ChipSpec] = {
     "v4": ChipSpec("v4", "TPU v4", 275e12, 32 * GIB, 1200e9, 2, 3, 4096,
-                   "https://cloud.google.com/tpu/docs/v4"),
+                   "https://cloud.google.com/tpu/docs/v4",
+                   host_bytes_per_s=16e9),
     "v5e": ChipSpec("v5e", "TPU v5 lite", 197e12, 16 * GIB, 819e9, 1, 2, 256,
-                    "https://cloud.google.com/tpu/docs/v5e"),
+                    "https://cloud.google.com/tpu/docs/v5e",
+                    host_memory_bytes=512 * GIB // 8, host_bytes_per_s=1.5e10),
     "v5p": ChipSpec("v5p", "TPU v5", 459e12, 95 * GIB, 2765e9, 2, 3, 6144,
-                    "https://cloud.google.com/tpu/docs/v5p"),
+                    "https://cloud.google.com/tpu/docs/v5p",
+                    host_memory_bytes=448 * 10**9 // 4, host_bytes_per_s=1.5e10),
     "v6e": ChipSpec("v6e", "TPU v6 lite", 918e12, 32 * GIB, 1638e9, 1, 2, 256,
-                    "https://cloud.google.com/tpu/docs/v6e"),
+                    "https://cloud.google.com/tpu/docs/v6e",
+                    host_memory_bytes=1536 * GIB // 8, host_bytes_per_s=32e9),
 }
 
 # Names users type for a generation (Cloud TPU's accelerator types use

@@ -12,9 +12,12 @@ slices), ``slices``, ``mesh`` (axis sizes, DCN included), ``global_batch``,
 ``device_bytes`` / ``host_bytes``, ``hbm_bytes_per_chip``, ``fits``,
 ``headroom_bytes`` (negative when over), ``flops_per_chip`` (compiled, per
 step), ``model_flops_per_step`` (:mod:`moe_jax.aot.model_flops`, all chips),
-``roofline_step_s``, ``mfu_bound``, ``collectives`` (:mod:`moe_jax.aot.hlo`)
-and ``compile_s``. For a program XLA refused for lack of HBM, the FLOPs,
-roofline and collectives are ``None``.
+``roofline_step_s``, ``mfu_bound``, ``collectives`` (:mod:`moe_jax.aot.hlo`),
+``compile_s``, ``memory_settings`` (the host-offload macros
+``OFFLOAD_OPTIMIZER_STATE`` / ``OFFLOAD_PARAMS``, ``remat_policy``,
+``zero_sharding``) and ``host_offload`` (below). For a program XLA refused
+for lack of HBM, the FLOPs, roofline, collectives and host traffic are
+``None``.
 
 Memory (``device_bytes`` / ``host_bytes``, per chip) is XLA's
 ``memory_analysis()``: ``argument`` (train state + batch shard), ``output``,
@@ -22,6 +25,15 @@ Memory (``device_bytes`` / ``host_bytes``, per chip) is XLA's
 ``temp`` (activations and other temporaries); ``total = argument + output -
 alias + temp``. Host bytes are buffers in host memory kinds (``pinned_host``
 offload).
+
+``host_offload`` (per chip, per step): ``host_to_device_bytes`` /
+``device_to_host_bytes`` and ``transfers`` (:mod:`moe_jax.aot.host_memory`),
+``host_bytes_per_s`` (the chip's host link, each way) and ``transfer_s``
+(the larger direction over it: what the traffic adds to a step that cannot
+hide it behind compute), ``host_total_bytes`` (host arguments + outputs +
+temporaries: XLA does not alias donated host buffers, so the old and the new
+state are both counted), ``host_memory_bytes_per_chip`` (the host's RAM
+over its chips; ``None`` where unpublished) and ``host_fits``.
 
 ``roofline_step_s`` is a lower bound on the step time from the compiled
 program alone: ``max(FLOPs / peak FLOP/s, HBM bytes accessed / HBM
@@ -41,11 +53,12 @@ from typing import Any, Mapping, Optional
 
 from moe_jax.aot import chips as chips_lib
 from moe_jax.aot import hlo
+from moe_jax.aot import host_memory
 
 KEYS = ("topology", "chips", "slices", "mesh", "global_batch", "tokens_per_step",
         "device_bytes", "host_bytes", "hbm_bytes_per_chip", "fits", "headroom_bytes",
         "flops_per_chip", "model_flops_per_step", "roofline_step_s", "mfu_bound",
-        "collectives", "compile_s")
+        "collectives", "compile_s", "memory_settings", "host_offload")
 GIB = chips_lib.GIB
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
@@ -83,12 +96,32 @@ def is_oom(error: BaseException) -> bool:
 
 
 def _base(topo, mesh_shape: Mapping[str, int], batch_size: int, tokens_per_step: int,
-          model_flops: float, compile_s: float) -> dict[str, Any]:
+          model_flops: float, compile_s: float,
+          memory_settings: Optional[Mapping[str, Any]]) -> dict[str, Any]:
   return {"topology": topo.name, "chips": topo.num_chips, "slices": topo.num_slices,
           "mesh": {k: int(v) for k, v in mesh_shape.items()},
           "global_batch": int(batch_size), "tokens_per_step": int(tokens_per_step),
           "hbm_bytes_per_chip": int(topo.chip.hbm_bytes),
-          "model_flops_per_step": float(model_flops), "compile_s": round(compile_s, 2)}
+          "model_flops_per_step": float(model_flops), "compile_s": round(compile_s, 2),
+          "memory_settings": dict(memory_settings or {})}
+
+
+def _host_offload(report: Mapping[str, Any], chip, text: Optional[str]) -> dict[str, Any]:
+  host = report["host_bytes"]
+  total = host["argument"] + host["output"] + host["temp"]
+  capacity = chip.host_memory_bytes or None
+  out = {"host_to_device_bytes": None, "device_to_host_bytes": None, "transfers": None,
+         "host_bytes_per_s": chip.host_bytes_per_s or None, "transfer_s": None,
+         "host_total_bytes": int(total), "host_memory_bytes_per_chip": capacity,
+         "host_fits": None if capacity is None else bool(total <= capacity)}
+  if text is not None:
+    moved = host_memory.transfers(text)
+    out.update(host_to_device_bytes=moved["host_to_device"]["bytes"],
+               device_to_host_bytes=moved["device_to_host"]["bytes"],
+               transfers=sum(v["count"] for v in moved.values()))
+    if chip.host_bytes_per_s:
+      out["transfer_s"] = host_memory.seconds(moved, chip.host_bytes_per_s)
+  return out
 
 
 def _fit(report: dict[str, Any]) -> None:
@@ -99,7 +132,8 @@ def _fit(report: dict[str, Any]) -> None:
 
 def from_compiled(compiled: Any, topo, *, mesh_shape: Mapping[str, int],
                   batch_size: int, tokens_per_step: int, model_flops: float,
-                  compile_s: float) -> tuple[dict[str, Any], hlo.Analysis]:
+                  compile_s: float, memory_settings: Optional[Mapping[str, Any]] = None
+                  ) -> tuple[dict[str, Any], hlo.Analysis]:
   """The report of a compiled program, and the HLO analysis behind it.
 
   Args:
@@ -107,9 +141,11 @@ def from_compiled(compiled: Any, topo, *, mesh_shape: Mapping[str, int],
     topo: its :class:`~moe_jax.aot.topology.Topology`.
     mesh_shape: mesh axis sizes; batch_size: global batch;
     tokens_per_step: tokens the step processes; model_flops: model FLOPs per
-      step (:mod:`moe_jax.aot.model_flops`); compile_s: lowering + compile time.
+      step (:mod:`moe_jax.aot.model_flops`); compile_s: lowering + compile time;
+    memory_settings: the run's offload switches (``Experiment.memory_settings``).
   """
-  report = _base(topo, mesh_shape, batch_size, tokens_per_step, model_flops, compile_s)
+  report = _base(topo, mesh_shape, batch_size, tokens_per_step, model_flops, compile_s,
+                 memory_settings)
   mem = compiled.memory_analysis()
   arg, out = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
   alias, temp = int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes)
@@ -119,7 +155,9 @@ def from_compiled(compiled: Any, topo, *, mesh_shape: Mapping[str, int],
                           "temp": int(mem.host_temp_size_in_bytes),
                           "output": int(mem.host_output_size_in_bytes)}
   _fit(report)
-  analysis = hlo.analyze(compiled.as_text())
+  text = compiled.as_text()
+  analysis = hlo.analyze(text)
+  report["host_offload"] = _host_offload(report, topo.chip, text)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", 0.0)) + analysis.loop_extra_flops
@@ -142,16 +180,21 @@ def from_compiled(compiled: Any, topo, *, mesh_shape: Mapping[str, int],
 
 def from_oom(message: str, topo, *, argument_bytes: int, state_bytes: int,
              mesh_shape: Mapping[str, int], batch_size: int, tokens_per_step: int,
-             model_flops: float, compile_s: float) -> dict[str, Any]:
+             model_flops: float, compile_s: float,
+             memory_settings: Optional[Mapping[str, Any]] = None,
+             host_argument_bytes: int = 0) -> dict[str, Any]:
   """The report of a program XLA refused to compile for lack of HBM.
 
   Arguments and outputs are not in the error; they are the per-chip shards
   of the train state and batch (``argument_bytes``) and of the new, donated
   state (``state_bytes``, the outputs aliased onto the inputs). The error's
   temporaries (or total used) complete the total. The FLOPs, roofline and
-  collectives of a program that was never built are ``None``.
+  collectives of a program that was never built are ``None``; host memory
+  is the state that rests there (``host_argument_bytes``), twice (old and
+  new state).
   """
-  report = _base(topo, mesh_shape, batch_size, tokens_per_step, model_flops, compile_s)
+  report = _base(topo, mesh_shape, batch_size, tokens_per_step, model_flops, compile_s,
+                 memory_settings)
   sizes = parse_oom(message)
   temp = sizes["temp"]
   if temp is None and sizes["used"] is not None:
@@ -162,7 +205,9 @@ def from_oom(message: str, topo, *, argument_bytes: int, state_bytes: int,
   report["device_bytes"] = {"argument": argument_bytes, "temp": temp,
                             "output": state_bytes, "alias": state_bytes,
                             "total": argument_bytes + temp}
-  report["host_bytes"] = {"argument": 0, "temp": 0, "output": 0}
+  report["host_bytes"] = {"argument": int(host_argument_bytes), "temp": 0,
+                          "output": int(host_argument_bytes)}
+  report["host_offload"] = _host_offload(report, topo.chip, None)
   _fit(report)
   report["fits"] = False  # XLA said so, whatever the arithmetic
   report.update(flops_per_chip=None, roofline_step_s=None, mfu_bound=None,
@@ -194,8 +239,19 @@ def advice(report: Mapping[str, Any]) -> list[str]:
       "a smaller --gin.BATCH_SIZE or TASK_FEATURE_LENGTHS, or more chips "
       "(a larger --topology or --num_slices)"]
   tips = act_tips + state_tips if activations >= state else state_tips + act_tips
-  return tips + ["host offload of the optimizer state (memory kind pinned_host) "
-                 "once moe_jax supports it"]
+  settings = report.get("memory_settings") or {}
+  offload = [f"--gin.{k}=True" for k in ("OFFLOAD_OPTIMIZER_STATE", "OFFLOAD_PARAMS")
+             if not settings.get(k)]
+  if offload:
+    tips.append("host offload: " + " and ".join(offload) + " keep the optimizer state / "
+                "float32 parameters in host memory between steps (docs/offload.md)")
+  if settings.get("remat_policy") != "offload":
+    tips.append("--gin.REMAT_POLICY=\"'offload'\" moves the MoE dispatch/combine and "
+                "attention outputs to host memory instead of keeping them in HBM")
+  if not settings.get("zero_sharding"):
+    tips.append("--gin.train.zero_sharding=True shards the non-expert weights and "
+                "their optimizer state over every batch axis")
+  return tips
 
 
 def _gib(n: Optional[float]) -> str:
@@ -226,6 +282,20 @@ def summary(report: Mapping[str, Any], topo, *, title: str = "",
   if any(host.values()):
     lines.append(f"  host memory per chip: arguments {_gib(host['argument'])}, "
                  f"temporaries {_gib(host['temp'])}, outputs {_gib(host['output'])}")
+  settings = report.get("memory_settings") or {}
+  if settings:
+    lines.append("  memory settings: " + " ".join(f"{k}={v}" for k, v in settings.items()))
+  off = report.get("host_offload") or {}
+  if off.get("host_to_device_bytes") or off.get("device_to_host_bytes"):
+    cap = off.get("host_memory_bytes_per_chip")
+    lines.append(
+        f"  host <-> device per step: {_gib(off['host_to_device_bytes'])} in, "
+        f"{_gib(off['device_to_host_bytes'])} out ({off['transfers']} copies)"
+        + (f", >= {off['transfer_s'] * 1e3:.1f} ms at {_si(off['host_bytes_per_s'], 'B/s')}"
+           if off.get("transfer_s") is not None else "")
+        + f"; host memory {_gib(off['host_total_bytes'])}"
+        + (f" of {_gib(cap)} per chip" + ("" if off["host_fits"] else " (DOES NOT FIT)")
+           if cap else ""))
   detail = report.get("_detail", {})
   if report["fits"]:
     lines.append(f"  fits: yes, {_gib(report['headroom_bytes'])} headroom per chip")

@@ -72,19 +72,28 @@ def compile_train_step(exp) -> tuple[Any, Any]:
   return lowered, lowered.compile()
 
 
-def _per_chip_bytes(tree: Any, shardings: Any) -> int:
+def _per_chip_bytes(tree: Any, shardings: Any, host: bool = False) -> int:
+  """Per-chip bytes of the leaves in device memory (``host``: in host memory)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   total = 0
   for leaf, sharding in zip(jax.tree_util.tree_leaves(tree),
                             jax.tree_util.tree_leaves(shardings)):
+    if (getattr(sharding, "memory_kind", None) == "pinned_host") != host:
+      continue
     shape = sharding.shard_shape(leaf.shape)
     total += int(np.prod(shape)) * np.dtype(leaf.dtype).itemsize
   return total
 
 
+def host_state_bytes(exp) -> int:
+  """Per-chip bytes of the train state that rests in host memory (offload)."""
+  return _per_chip_bytes(exp.layout.abstract, exp.layout.shardings, host=True)
+
+
 def state_and_batch_bytes(exp) -> tuple[int, int]:
-  """Per-chip bytes of the sharded train state and of the batch shard."""
+  """Per-chip bytes of the sharded train state in device memory and of the
+  batch shard."""
   layout = exp.layout
   state = _per_chip_bytes(layout.abstract, layout.shardings)
   batch = _per_chip_bytes(exp.batch_shapes,
@@ -126,7 +135,8 @@ def run(topology_name: str, num_slices: int, gin_files: Sequence[str],
   common = dict(mesh_shape=dict(exp.mesh.shape), batch_size=exp.batch_size,
                 tokens_per_step=model_flops.tokens(exp.batch_shapes)["total"],
                 model_flops=model_flops.model_flops_per_step(
-                    by_stack, exp.model_config, exp.batch_shapes))
+                    by_stack, exp.model_config, exp.batch_shapes),
+                memory_settings=exp.memory_settings())
   t0 = time.perf_counter()
   compiled = None
   try:
@@ -137,7 +147,7 @@ def run(topology_name: str, num_slices: int, gin_files: Sequence[str],
     state, batch = state_and_batch_bytes(exp)
     result = report.from_oom(str(e), topo, argument_bytes=state + batch,
                              state_bytes=state, compile_s=time.perf_counter() - t0,
-                             **common)
+                             host_argument_bytes=host_state_bytes(exp), **common)
   else:
     result, _ = report.from_compiled(compiled, topo, compile_s=time.perf_counter() - t0,
                                      **common)

@@ -69,7 +69,45 @@ def _parse(argv):
                  help="default dispatch vs one-hot einsum over a grid of configs")
   p.add_argument("--profile", action="store_true",
                  help="per-part device time of each kind (JAX profiler trace)")
+  p.add_argument("--render", default="",
+                 help="print the README's markdown table from a JSONL file of "
+                      "--compare lines (and the machine line) instead of running")
   return p.parse_args(argv)
+
+
+def machine() -> dict:
+  """The CPU this ran on (``lscpu``'s model name) and its core count."""
+  model = ""
+  try:
+    with open("/proc/cpuinfo") as f:
+      model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")),
+                   "")
+  except OSError:
+    pass
+  return {"cpu": model, "cores": os.cpu_count()}
+
+
+def render(path: str) -> str:
+  """Markdown table of a JSONL file of ``--compare`` results."""
+  with open(path) as f:
+    rows = [json.loads(l) for l in f if l.strip().startswith("{")]
+  rows = [r for r in rows if "kind" in r and "median_step_s" in r]
+  dense = next(r for r in rows if r["kind"] == "dense")
+  head = ("| layer | dispatch | step (fwd+bwd) vs dense | median step | all-to-alls "
+          "| FLOPs / device |")
+  lines = [head, "|---|---|---|---|---|---|"]
+  for r in rows:
+    ratio = r["median_step_s"] / dense["median_step_s"]
+    lines.append(f"| {r['kind']} | {r.get('dispatch') or '-'} | {ratio:.2f} | "
+                 f"{r['median_step_s']:.3f} s | {r['all_to_all']} | "
+                 f"{r['flops_per_device']:.2e} |")
+  m = rows[0].get("machine") or {}
+  lines.append(f"\n{rows[0]['experts']} experts, top-{rows[0]['top_k']}, d_model "
+               f"{rows[0]['d_model']}, d_ff {rows[0]['d_ff']}, {rows[0]['tokens']} tokens, "
+               f"capacity factor {rows[0]['capacity_factor']}, {rows[0]['dtype']}, mesh "
+               f"{rows[0]['mesh']}, {rows[0]['steps']} interleaved steps; "
+               f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores.")
+  return "\n".join(lines)
 
 
 def _setup_devices(count: int) -> None:
@@ -222,7 +260,7 @@ def time_kinds(kinds, args, mesh, rules, x, log=None) -> dict:
                 d_ff=args.d_ff, tokens=args.tokens, capacity_factor=args.capacity_factor,
                 mesh=args.mesh, dtype=args.dtype, activations=args.activations,
                 router=args.router, backend=jax.default_backend(),
-                devices=len(jax.devices()), steps=args.steps)
+                devices=len(jax.devices()), steps=args.steps, machine=machine())
   results = {}
   for k in kinds:
     med = float(np.median(times[k]))
@@ -262,7 +300,7 @@ def _grid(args) -> list[dict]:
                ratio_default_vs_einsum=round(ours["median_step_s"]
                                              / ref["median_step_s"], 3),
                flops_default=ours["flops_per_device"], flops_einsum=ref["flops_per_device"],
-               mesh=args.mesh, steps=args.steps)
+               mesh=args.mesh, steps=args.steps, machine=machine())
     print(json.dumps(row), flush=True)
     rows.append(row)
   return rows
@@ -270,6 +308,9 @@ def _grid(args) -> list[dict]:
 
 def main(argv=None):
   args = _parse(argv if argv is not None else sys.argv[1:])
+  if args.render:
+    print(render(args.render))
+    return None
   _setup_devices(args.devices)
   if args.grid:
     return _grid(args)

@@ -117,6 +117,25 @@ def partitioner(mesh_shape: Optional[dict] = None) -> partitioning.Partitioner:
     raise gin_utils.UsageError(str(e)) from e
 
 
+def parse_required(prog: str, gin_files: Sequence[str], bindings: Sequence[str],
+                   search_paths: Sequence[str], log_fn: Callable[[str], None],
+                   *names: str) -> tuple:
+  """:func:`parse` (lines prefixed with ``prog``), then the values of the
+  required macros ``names``, in order."""
+  parse(gin_files, bindings, search_paths, log_fn=lambda line: log_fn(f"{prog}: {line}"))
+  return tuple(required(n) for n in names)
+
+
+def load_model(checkpoint: str):
+  """``(model, params, partitioner)``: the gin's model with ``checkpoint``'s
+  parameters, placed on the gin's mesh (eval-style binaries share this)."""
+  from moe_jax import models  # pylint: disable=g-import-not-at-top
+  from moe_jax.evaluation import inference  # pylint: disable=g-import-not-at-top
+  mesh = partitioner()
+  model = models.build_model(model_config())
+  return model, inference.load_params(checkpoint, model, mesh), mesh
+
+
 def decode_spec(default_length: Optional[int] = None):
   """``DecodeSpec`` from ``DECODE_METHOD``, ``BEAM_SIZE``, ``DECODE_ALPHA``,
   ``MAX_DECODE_LENGTH``, ``DECODE_TEMPERATURE``, ``DECODE_TOP_K``."""

@@ -23,7 +23,8 @@ experts of the whole model by score x E (a global threshold), but at least
 their original order, so keeping all of them reproduces the model exactly.
 
 :func:`prune_params` slices the expert weights (``experts/*`` along axis 0)
-and the router's columns (``router_kernel[:, kept]``, ``router_bias[kept]``);
+and the router's columns (``router_kernel[:, kept]``, ``router_bias[kept]``,
+the aux-loss-free ``expert_bias[kept]``);
 :func:`pruned_config` gives the matching ``T5Config`` (per-layer expert
 counts in ``SparseLayout.num_experts``).
 """
@@ -179,9 +180,11 @@ def prune_params(params: Any, selection: Mapping[str, np.ndarray]) -> dict:
       rel = name[len(layer) + 1:]
       if rel == "router_kernel":
         value = value[..., keep]
-      elif rel == "router_bias" or (rel.startswith("experts/")
-                                    and not rel.endswith("_shared")):
-        value = value[keep]  # shared-core kernels (``*_shared``) have no expert dim
+      elif rel in ("router_bias", "expert_bias") or (rel.startswith("experts/")
+                                                     and not rel.endswith("_shared")):
+        # Per-expert vectors and kernels; shared-core kernels (``*_shared``)
+        # and shared experts (``shared_experts/``) have no expert dim.
+        value = value[keep]
     out[name] = value
   return traverse_util.unflatten_dict(out, sep="/")
 

@@ -53,7 +53,8 @@ def _is_moe_layer(module) -> bool:
 
 def router_choices(x: jax.Array, router_kernel: jax.Array,
                    router_bias: Optional[jax.Array], k: int,
-                   padding_mask: Optional[jax.Array]) -> dict[str, jax.Array]:
+                   padding_mask: Optional[jax.Array], config: Optional[Any] = None,
+                   selection_bias: Optional[jax.Array] = None) -> dict[str, jax.Array]:
   """Routing counts of one layer call.
 
   Args:
@@ -61,17 +62,28 @@ def router_choices(x: jax.Array, router_kernel: jax.Array,
     router_kernel: <float>[embed, E]; router_bias: <float>[E] or None.
     k: experts each token selects.
     padding_mask: <bool|int>[batch, length] (1 = real token) or None.
+    config: the layer's ``MoeConfig``: its score function and device limits
+      choose the experts as the layer does (``layers/selection.py``); None =
+      softmax top-k.
+    selection_bias: <float>[E] the aux-loss-free selection bias, or None.
 
   Returns:
-    ``{TOP1: [E], TOPK: [E], GATE: [E], TOKENS: []}`` float32 sums.
+    ``{TOP1: [E], TOPK: [E], GATE: [E], TOKENS: []}`` float32 sums; the gate
+    of a choice is its normalized router probability.
   """
+  from moe_jax.layers import selection  # pylint: disable=g-import-not-at-top
   logits = jnp.einsum("bld,de->ble", x.astype(jnp.float32),
                       jnp.asarray(router_kernel, jnp.float32))
   if router_bias is not None:
     logits = logits + router_bias
   e = logits.shape[-1]
-  probs = jax.nn.softmax(logits, axis=-1)
-  gate, index = jax.lax.top_k(probs, k)  # [b, l, k]
+  scores, probs = selection.score(logits, config.score_function if config else "softmax")
+  _, index = selection.select_top_k(  # [b, l, k]
+      scores, k, bias=selection_bias,
+      num_groups=config.routing_groups if config else 0,
+      groups_per_token=config.routing_groups_per_token if config else 0,
+      group_score=config.routing_group_score if config else "max")
+  gate = jnp.take_along_axis(probs, index, axis=-1)
   mask = (jnp.ones(x.shape[:2], jnp.float32) if padding_mask is None
           else padding_mask.astype(jnp.float32))
   chosen = jax.nn.one_hot(index, e, dtype=jnp.float32) * mask[..., None, None]
@@ -92,7 +104,8 @@ def _interceptor(next_fun, args, kwargs, context):
   x = args[0]
   mask = kwargs.get("padding_mask", args[1] if len(args) > 1 else None)
   counts = router_choices(x, params["router_kernel"], params.get("router_bias"),
-                          module.config.num_selected_experts, mask)
+                          module.config.num_selected_experts, mask, module.config,
+                          params.get("expert_bias"))
   for name, value in counts.items():
     module.sow("intermediates", name, value)
   return out

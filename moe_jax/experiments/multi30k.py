@@ -15,6 +15,8 @@ Suites:
   variants        issue 11: baseline vs each routing/architecture variant.
   upcycling       issue 8: dense continuation vs sparse upcycling, same extra steps.
   pruning         issue 9: BLEU vs fraction of experts kept, global vs per-language.
+  modern          issue 17: aux-loss-free balancing, shared + fine-grained experts,
+                  device-limited routing vs the top-2 baseline (3 seeds).
 """
 
 from __future__ import annotations
@@ -76,6 +78,29 @@ VARIANTS = {
         "train.distillation=@DistillationConfig()",
         "DistillationConfig.teacher_checkpoint='$OUT/baseline_s0'",
         "DistillationConfig.stop_step=200")),
+}
+
+
+# Issue 17: the routing of today's models against the top-2 baseline, at equal
+# active FLOPs (baseline 8 experts x d_ff 256, top-2 = 512 hidden units per
+# token; fine-grained 32 x 64, top-6 + one shared 128 = 512). LOG_PERIOD 25
+# records the max-expert-load curve; "no_balancing" (no aux loss, no bias)
+# is the curve aux-loss-free balancing must beat.
+MODERN = {
+    "modern_baseline": ((), ("LOG_PERIOD=25",)),
+    "no_balancing": ((), ("LOG_PERIOD=25", "LossConfig.aux_loss_factor=0.0")),
+    "aux_loss_free": ((), ("LOG_PERIOD=25", "LossConfig.aux_loss_factor=0.0",
+                           "MoeConfig.expert_bias_update_rate=0.001")),
+    "shared_fine_grained": ((), ("LOG_PERIOD=25", "NUM_EXPERTS=32", "MoeConfig.d_ff=64",
+                                 "MoeConfig.num_selected_experts=6",
+                                 "MoeConfig.num_shared_experts=1",
+                                 "MoeConfig.shared_expert_d_ff=128")),
+    "device_limited": ((), ("LOG_PERIOD=25", "NUM_EXPERTS=32", "MoeConfig.d_ff=64",
+                            "MoeConfig.num_selected_experts=6",
+                            "MoeConfig.num_shared_experts=1",
+                            "MoeConfig.shared_expert_d_ff=128",
+                            "MoeConfig.routing_groups=8",
+                            "MoeConfig.routing_groups_per_token=3")),
 }
 
 
@@ -174,7 +199,8 @@ def run_pruning(r: runner_lib.Runner, model_run: str, steps: int,
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--suite", required=True,
-                 choices=("regularization", "variants", "upcycling", "pruning", "all"))
+                 choices=("regularization", "variants", "upcycling", "pruning", "modern",
+                          "all"))
   p.add_argument("--out", default="/tmp/moe_jax_experiments")
   p.add_argument("--seeds", default="0,1")
   p.add_argument("--steps", type=int, default=STEPS)
@@ -191,6 +217,8 @@ def main(argv=None) -> int:
       run_methods(r, REGULARIZATION, seeds, args.steps, only)
     elif suite == "variants":
       run_methods(r, VARIANTS, seeds[:1], args.steps, only)
+    elif suite == "modern":
+      run_methods(r, MODERN, seeds, args.steps, only)
     elif suite == "upcycling":
       run_upcycling(r, UPCYCLE_DENSE_STEPS, UPCYCLE_EXTRA_STEPS)
     elif suite == "pruning":

@@ -122,6 +122,7 @@ class Runner:
             if any(t.endswith("/bleu") and s in ev[t] for t in ev)),
         "train_metrics_last": {t: v[max(v)] for t, v in train.items()
                                if v and (t.startswith("moe/mean/") or "loss" in t)},
+        "load_max_curve": sorted(train.get("moe/mean/expert_load_max", {}).items()),
     }
 
   def evaluate(self, name: str, gin_files: Sequence[str], overrides: Sequence[str],

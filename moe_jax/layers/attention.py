@@ -11,7 +11,9 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from moe_jax.layers import checkpoint_names
 from moe_jax.layers.dense import DenseGeneral
 
 # Large negative bias for masked logits (T5X's convention).
@@ -111,6 +113,7 @@ class MultiHeadAttention(nn.Module):
       weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
     out = nn.with_logical_constraint(out, qkv_axes)
+    out = checkpoint_name(out, checkpoint_names.ATTENTION_OUT)
     out = DenseGeneral(embed, axis=(-2, -1), kernel_axes=("heads", "kv", "embed"),
                        dtype=self.dtype, param_dtype=self.param_dtype,
                        kernel_init=base_init, name="out")(out)

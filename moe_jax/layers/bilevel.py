@@ -55,14 +55,14 @@ from moe_jax import partitioning
 from moe_jax.layers import expert_parallel
 from moe_jax.layers import experts as experts_lib
 from moe_jax.layers import grouping
-from moe_jax.layers import moe_config as cfg_lib
+from moe_jax.layers import moe as moe_lib
 from moe_jax.layers import moe_metrics as mm
 from moe_jax.layers import regularization
 from moe_jax.layers import routing
 
 Array = jax.Array
 # Logical axis of the outer level (partitioning.standard_logical_rules maps it).
-OUTER_LOGICAL_AXIS = "expert_outer"
+OUTER_LOGICAL_AXIS = experts_lib.OUTER_LOGICAL_AXIS
 DEFAULT_OUTER_MESH_AXES = ("data",)
 
 # Private logical names for the two intermediate layouts (resolved per call).
@@ -126,30 +126,6 @@ def validate_mesh(num_outer: int, num_inner: int, mesh: Optional[Any], rules) ->
         "change num_experts or bilevel_outer_size.")
 
 
-class BilevelExpertWeights(nn.Module):
-  """Expert weights ``[E_o, E_i, ...]`` with logical axes ``('expert_outer',
-  'expert', ...)``; returns them cast to ``dtype``."""
-  num_outer: int
-  num_inner: int
-  d_model: int
-  d_ff: int
-  activations: Sequence[str] = ("gelu", "linear")
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self) -> dict[str, Array]:
-    eo, ei, d, f = self.num_outer, self.num_inner, self.d_model, self.d_ff
-    init = experts_lib.expert_kernel_init(batch_axis=(0, 1))
-    names = ["wi_0", "wi_1"] if len(self.activations) == 2 else ["wi"]
-    shapes = {n: ((eo, ei, d, f), (OUTER_LOGICAL_AXIS, "expert", "embed", "mlp"))
-              for n in names}
-    shapes["wo"] = ((eo, ei, f, d), (OUTER_LOGICAL_AXIS, "expert", "mlp", "embed"))
-    return {n: jnp.asarray(self.param(n, nn.with_logical_partitioning(init, axes),
-                                      shape, self.param_dtype), self.dtype)
-            for n, (shape, axes) in shapes.items()}
-
-
 def _capacities(c, s: int, deterministic: bool, decode: bool) -> tuple[int, int]:
   """(C1, C2): outer slots per (group, outer group); inner slots per expert."""
   mode = dict(deterministic=deterministic, decode=decode)
@@ -158,16 +134,9 @@ def _capacities(c, s: int, deterministic: bool, decode: bool) -> tuple[int, int]
   return c1, min(c1, c2)
 
 
-class BilevelMoeLayer(nn.Module):
-  """Bi-level sparse MoE MLP block; the interface of ``moe.MoeLayer``.
-
-  Attributes:
-    config: ``MoeConfig`` with ``bilevel_outer_size > 0``.
-    dtype / param_dtype: as ``MoeLayer``.
-  """
-  config: cfg_lib.MoeConfig
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
+class BilevelMoeLayer(moe_lib.MoeLayer):
+  """Bi-level sparse MoE MLP block: ``MoeLayer``'s attributes and call
+  signature, with ``config.bilevel_outer_size > 0``."""
 
   @nn.compact
   def __call__(self, x: Array, padding_mask: Optional[Array] = None, *,
@@ -254,8 +223,8 @@ class BilevelMoeLayer(nn.Module):
     xi = _constrain(xi, layout_expert)  # all-to-all #2
 
     # --- experts ------------------------------------------------------------
-    weights = BilevelExpertWeights(
-        num_outer=eo, num_inner=ei, d_model=d, d_ff=c.d_ff, activations=c.activations,
+    weights = experts_lib.ExpertWeights(
+        num_experts=ei, num_outer=eo, d_model=d, d_ff=c.d_ff, activations=c.activations,
         dtype=self.dtype, param_dtype=self.param_dtype, name="experts")()
     pre = [jnp.einsum("iorgcd,oidf->iorgcf", xi, w)
            for w in experts_lib.input_kernels(weights)]

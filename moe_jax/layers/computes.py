@@ -35,7 +35,10 @@ from typing import Any, Mapping, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from moe_jax.layers import checkpoint_names
+from moe_jax import partitioning
 from moe_jax.layers import dispatch as dispatch_lib
 from moe_jax.layers import dropless as dropless_lib
 from moe_jax.layers import expert_parallel
@@ -100,6 +103,7 @@ class CapacityCompute(ExpertCompute):
       # Groups leave the expert axis, experts move onto it.
       slots = nn.with_logical_constraint(
           slots, ("expert", "expert_group", "length", "embed"))
+      slots = checkpoint_name(slots, checkpoint_names.MOE_DISPATCH)
     with jax.named_scope("experts"):
       pre = [jnp.einsum("egcd,edf->egcf", slots, w)
              for w in experts_lib.input_kernels(weights)]
@@ -112,6 +116,7 @@ class CapacityCompute(ExpertCompute):
       out = nn.with_logical_constraint(out, ("unmodeled", "batch", "length", "embed"))
     with jax.named_scope("combine"):
       y = self.dispatcher.combine(out, decision)
+      y = checkpoint_name(y, checkpoint_names.MOE_COMBINE)
       return nn.with_logical_constraint(y, ("batch", "length", "embed")), {}
 
 
@@ -130,6 +135,18 @@ class DroplessCompute(ExpertCompute):
     return {**metrics, mm.DROPPED_FRACTION: jnp.zeros((), jnp.float32)}
 
   @property
+  def routes_per_token(self) -> Optional[int]:
+    """At most this many expert shards per token: device-limited routing's
+    ``M`` when its groups tile the shards (whole groups per shard), else
+    None (``min(K, EP)``)."""
+    c = self.config
+    ep = partitioning.mesh_axis_size(self.mesh, expert_parallel.ExpertParallelAxes
+                                     .from_rules().expert)
+    if not c.routing_groups or c.routing_groups % ep:
+      return None
+    return c.routing_groups_per_token
+
+  @property
   def exchange(self) -> str:
     """The exchange ``dropless_exchange`` names (``"auto"``: by platform)."""
     name = self.config.dropless_exchange
@@ -146,7 +163,8 @@ class DroplessCompute(ExpertCompute):
         decision.expert_weight.reshape(g * s, k), weights, activations=c.activations,
         num_experts=c.num_experts, block=c.dropless_block_size, mesh=self.mesh,
         dropout_rate=self.dropout_rate, dropout_rng=rngs.get("dropout"),
-        exchange=self.exchange, buffer_factor=c.dropless_buffer_factor)
+        exchange=self.exchange, buffer_factor=c.dropless_buffer_factor,
+        routes_per_token=self.routes_per_token)
     # Only assignments that overflowed an exchange buffer go uncomputed.
     return y.reshape(g, s, d), {mm.DROPPED_FRACTION: overflow}
 

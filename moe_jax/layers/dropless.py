@@ -112,7 +112,8 @@ def dropless_moe(x: Array, expert_index: Array, expert_weight: Array,
                  num_experts: int, block: int, mesh: Optional[Any],
                  dropout_rate: float = 0.0, dropout_rng: Optional[Array] = None,
                  backend: Optional[str] = None, exchange: str = "all_gather",
-                 buffer_factor: float = 2.0) -> tuple[Array, Array]:
+                 buffer_factor: float = 1.5,
+                 routes_per_token: Optional[int] = None) -> tuple[Array, Array]:
   """Dropless MoE over flat tokens.
 
   Args:
@@ -126,6 +127,9 @@ def dropless_moe(x: Array, expert_index: Array, expert_weight: Array,
       ``"all_to_all"`` or ``"ragged"`` (``ep_exchange.py``).
     buffer_factor: receive-buffer size of the last two, in multiples of the
       balanced load.
+    routes_per_token: at most this many expert shards per token (device-
+      limited routing guarantees it); sizes the exchange buffers. Default
+      ``min(K, EP)``.
 
   Returns:
     ``(y <float>[T, D], overflow <float32>[])``: the fraction of real
@@ -174,43 +178,54 @@ def dropless_moe(x: Array, expert_index: Array, expert_weight: Array,
       y = jax.lax.psum(y, model_axis)
     if n_expert > 1:
       y = jax.lax.psum_scatter(y, expert_axis, scatter_dimension=0, tiled=True)
-    return y, jnp.zeros((), jnp.int32)
+    return y, jnp.zeros((), jnp.float32)
+
+  def routes(k):
+    return min(k, n_expert, routes_per_token or k)
 
   def all_to_all_body(x, idx, wt, weights, rng):
     (t, k), d = idx.shape, x.shape[-1]
     p = ep_exchange.plan(idx, wt, e_local, n_expert)
-    rows = ep_exchange.buffer_rows(t, k, n_expert, buffer_factor)
-    send_x, send_e, overflow = ep_exchange.padded_send(x, p, k, rows)
+    rows = ep_exchange.buffer_rows(t, routes(k), n_expert, buffer_factor)
+    send_x, send_e, send_w, _ = ep_exchange.padded_send(x, p, rows)
     a2a = lambda v: jax.lax.all_to_all(v, expert_axis, 0, 0, tiled=True)  # noqa: E731
-    y_rows = mlp(a2a(send_x).reshape(-1, d), a2a(send_e).reshape(-1), weights, rng)
+    y_rows = local_expert_mlp(
+        a2a(send_x).reshape(-1, d), a2a(send_e).reshape(-1, k),
+        a2a(send_w).reshape(-1, k).astype(x.dtype), weights, num_experts_local=e_local,
+        expert_offset=0, dropout_rng=rng, **kwargs)
     back = a2a(y_rows.reshape(n_expert, rows, d)).reshape(-1, d)
-    return ep_exchange.unpermute(back, ep_exchange.padded_positions(p, rows), wt), overflow
+    positions = ep_exchange.padded_positions(p, rows)
+    return (ep_exchange.combine_routes(back, positions, t),
+            ep_exchange.overflow_assignments(p, positions, n_expert * rows))
 
   def ragged_body(x, idx, wt, weights, rng):
     (t, k), d = idx.shape, x.shape[-1]
     p = ep_exchange.plan(idx, wt, e_local, n_expert)
-    capacity = ep_exchange.receive_rows(t, k, n_expert, buffer_factor)
+    sent = t * routes(k)  # every route is among the first `sent` sorted slots
+    capacity = ep_exchange.receive_rows(t, routes(k), n_expert, buffer_factor)
     me = jax.lax.axis_index(expert_axis)
     o = ep_exchange.ragged_offsets(
         jax.lax.all_gather(p.counts, expert_axis), me, capacity)
     starts_matrix = jax.lax.all_gather(p.starts, expert_axis)  # [src, dst]
-    sorted_x = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[
-        jnp.minimum(p.order // k, t)]
-    sorted_e = p.local_expert[p.order]
+    # Routes in destination order; the empty slots at the end are not sent.
+    sorted_x, sorted_e, sorted_w = ep_exchange.gather_routes(x, p, p.order[:sent])
 
     def send(operand, output):
       return jax.lax.ragged_all_to_all(operand, output, p.starts, o["send_sizes"],
                                        o["output_offsets"], o["recv_sizes"],
                                        axis_name=expert_axis)
 
-    recv_e = send(jnp.where(sorted_e < e_local, sorted_e, -1),
-                  jnp.full((capacity,), -1, jnp.int32))
-    y_rows = mlp(send(sorted_x, jnp.zeros((capacity, d), x.dtype)), recv_e, weights, rng)
+    y_rows = local_expert_mlp(
+        send(sorted_x, jnp.zeros((capacity, d), x.dtype)),
+        send(sorted_e, jnp.full((capacity, k), -1, jnp.int32)),
+        send(sorted_w.astype(x.dtype), jnp.zeros((capacity, k), x.dtype)), weights,
+        num_experts_local=e_local, expert_offset=0, dropout_rng=rng, **kwargs)
     back = jax.lax.ragged_all_to_all(
-        y_rows, jnp.zeros((p.order.shape[0], d), y_rows.dtype), o["recv_offsets"],
+        y_rows, jnp.zeros((sent, d), y_rows.dtype), o["recv_offsets"],
         o["recv_sizes"], starts_matrix[:, me], o["send_sizes"], axis_name=expert_axis)
-    positions = ep_exchange.ragged_positions(p, o["send_sizes"])
-    return ep_exchange.unpermute(back, positions, wt), o["overflow"]
+    positions = ep_exchange.ragged_positions(p, o["send_sizes"], sent)
+    return (ep_exchange.combine_routes(back, positions, t),
+            ep_exchange.overflow_assignments(p, positions, sent))
 
   body_of = {"all_gather": gather_body, "all_to_all": all_to_all_body,
              "ragged": ragged_body}[exchange]
@@ -220,7 +235,7 @@ def dropless_moe(x: Array, expert_index: Array, expert_weight: Array,
     y, overflow = body_of(x, idx, wt, weights, rng)
     if exchange != "all_gather" and n_model > 1:
       y = jax.lax.psum(y, model_axis)
-    real = jnp.sum((wt != 0).astype(jnp.float32))
+    real = jnp.sum((wt != 0).astype(jnp.float32))  # real assignments
     totals = jax.lax.psum(jnp.stack([overflow.astype(jnp.float32), real]), batch_axis)
     return y, totals[0] / jnp.maximum(totals[1], 1.0)
 

@@ -89,33 +89,53 @@ def experts_per_token(slot_token: Array, mask: Array) -> Array:
 
 
 @dataclasses.dataclass(frozen=True)
+class DtsOptions:
+  """The gate's schedule and threshold; a base of ``MoeConfig`` (same names).
+
+  Attributes:
+    dts_tau_start, dts_tau_end, dts_anneal_steps, dts_anneal_schedule: see
+      :func:`temperature`.
+    dts_threshold: a token reaches every expert whose gate value exceeds this.
+    dts_train_capacity: ``"all_tokens"`` or ``"capacity_factor"`` (module doc).
+  """
+  dts_tau_start: float = 5.0
+  dts_tau_end: float = 0.01
+  dts_anneal_steps: int = 50_000
+  dts_anneal_schedule: str = "linear"
+  dts_threshold: float = 0.02
+  dts_train_capacity: str = "all_tokens"
+
+  @classmethod
+  def of(cls, config) -> "DtsOptions":
+    """The options of a ``MoeConfig`` (or anything with these attributes)."""
+    return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
 class DenseToSparseRouter:
   """Gumbel-softmax gate with an annealed temperature and a threshold.
 
   Attributes:
     num_selected_experts: ``k`` of the plain top-k routing used in eval.
     renormalize_top_k: eval top-k renormalises its gates (as tokens-choose).
-    tau_start, tau_end, anneal_steps, anneal_schedule: see :func:`temperature`.
-    threshold: a token reaches every expert whose gate value exceeds this.
-    train_capacity: ``"all_tokens"`` or ``"capacity_factor"`` (module doc).
+    options: the schedule, threshold and training capacity (:class:`DtsOptions`).
   """
   num_selected_experts: int = 1
   renormalize_top_k: bool = True
-  tau_start: float = 5.0
-  tau_end: float = 0.01
-  anneal_steps: int = 50_000
-  anneal_schedule: str = "linear"
-  threshold: float = 0.02
-  train_capacity: str = "all_tokens"
+  options: DtsOptions = DtsOptions()
 
   def rng_mode(self, train: bool) -> Optional[str]:
     """The Gumbel noise needs a fresh key in training; eval takes none."""
     return "stream" if train else None
 
   def route(self, logits: Array, padding_mask: Optional[Array], capacity: int,
-            rng: Optional[Array] = None) -> routing.RoutingDecision:
+            rng: Optional[Array] = None,
+            selection_bias: Optional[Array] = None) -> routing.RoutingDecision:
     """See ``routing.Router``. ``rng`` given = training (Gumbel gate);
     ``rng=None`` = eval (plain top-k with ``capacity``)."""
+    if selection_bias is not None:
+      raise ValueError("The dense-to-sparse gate takes no selection bias; set "
+                       "MoeConfig.expert_bias_update_rate=0.")
     g, s, _ = logits.shape
     mask = routing.as_mask(padding_mask, (g, s))
     if rng is None:
@@ -127,11 +147,12 @@ class DenseToSparseRouter:
           mm.EXPERTS_PER_TOKEN: experts_per_token(decision.slot_token, mask)})
     logits = logits.astype(jnp.float32)
     e = logits.shape[-1]
-    tau = temperature(schedule.current_step(), self.tau_start, self.tau_end,
-                      self.anneal_steps, self.anneal_schedule)
+    o = self.options
+    tau = temperature(schedule.current_step(), o.dts_tau_start, o.dts_tau_end,
+                      o.dts_anneal_steps, o.dts_anneal_schedule)
     gates = gumbel_gates(logits, jax.random.gumbel(rng, logits.shape, jnp.float32), tau)
-    selected = select_experts(gates, self.threshold) & (mask[..., None] > 0)
-    cap = s if self.train_capacity == "all_tokens" else capacity
+    selected = select_experts(gates, o.dts_threshold) & (mask[..., None] > 0)
+    cap = s if o.dts_train_capacity == "all_tokens" else capacity
 
     # Each token's experts in decreasing gate order; claims are made rank-major
     # (every token's best expert, then every token's second, ...), tokens in

@@ -50,6 +50,11 @@ def expert_kernel_init(in_axis: int = -2, out_axis: int = -1,
       batch_axis=batch_axis)
 
 
+# Logical axis of bi-level routing's outer expert level (bilevel.py;
+# partitioning.standard_logical_rules maps it).
+OUTER_LOGICAL_AXIS = "expert_outer"
+
+
 class ExpertWeights(nn.Module):
   """Creates the stacked expert weights; returns them (cast to ``dtype``).
 
@@ -58,6 +63,9 @@ class ExpertWeights(nn.Module):
     activations: one (plain MLP) or two (gated MLP) activation names.
     shared_core_rank: 0 for independent expert kernels; ``r > 0`` builds each
       kernel as a shared matrix plus a rank-``r`` per-expert delta.
+    num_outer: bi-level routing (``bilevel.py``): 0 for ``[E, ...]`` kernels,
+      else ``[num_outer, E, ...]`` (``E`` experts per outer group) with the
+      leading axes ``('expert_outer', 'expert')``.
   """
   num_experts: int
   d_model: int
@@ -66,6 +74,7 @@ class ExpertWeights(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   shared_core_rank: int = 0
+  num_outer: int = 0
 
   @nn.compact
   def __call__(self) -> dict[str, Array]:
@@ -74,20 +83,15 @@ class ExpertWeights(nn.Module):
     if self.shared_core_rank:
       return shared_core.shared_core_weights(
           self, names, e, d, f, self.shared_core_rank, self.dtype, self.param_dtype)
-    out = {}
-    for name in names:
-      w = self.param(
-          name,
-          nn.with_logical_partitioning(expert_kernel_init(),
-                                       ("expert", "embed", "mlp")),
-          (e, d, f), self.param_dtype)
-      out[name] = jnp.asarray(w, self.dtype)
-    wo = self.param(
-        "wo",
-        nn.with_logical_partitioning(expert_kernel_init(), ("expert", "mlp", "embed")),
-        (e, f, d), self.param_dtype)
-    out["wo"] = jnp.asarray(wo, self.dtype)
-    return out
+    lead, axes = (e,), ("expert",)
+    if self.num_outer:
+      lead, axes = (self.num_outer, e), (OUTER_LOGICAL_AXIS, "expert")
+    init = expert_kernel_init(batch_axis=tuple(range(len(lead))))
+    shapes = {n: (lead + (d, f), axes + ("embed", "mlp")) for n in names}
+    shapes["wo"] = (lead + (f, d), axes + ("mlp", "embed"))
+    return {n: jnp.asarray(self.param(n, nn.with_logical_partitioning(init, names_),
+                                      shape, self.param_dtype), self.dtype)
+            for n, (shape, names_) in shapes.items()}
 
 
 def hidden_activation(pre: Sequence[Array], activations: Sequence[str]) -> Array:

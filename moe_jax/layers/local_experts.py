@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from moe_jax.layers import dropless as dropless_lib
 from moe_jax.layers import expert_parallel
-from moe_jax.layers import routing
+from moe_jax.layers import selection
 
 Array = jax.Array
 
@@ -47,7 +47,7 @@ def local_expert_moe(x: Array, probs: Array, mask: Array, weights: dict, *, k: i
       local = jax.lax.dynamic_slice_in_dim(probs, start, e_local, axis=1)
     else:
       local = probs
-    gate, idx = routing.top_k(local, k_local)
+    gate, idx = selection.top_k(local, k_local)
     if renormalize:
       gate = gate / jnp.maximum(jnp.sum(gate, axis=-1, keepdims=True), 1e-9)
     gate = gate * mask

@@ -10,11 +10,13 @@
      multiple of the batch-sharding devices ``data*fsdp*expert``, so each
      device owns whole groups) and a ``routing.Router`` (``routers.py``,
      by ``router_type``) turns the logits into a ``RoutingDecision``;
-  3. decision transforms: Expert Output Masking (EOM);
+  3. decision transforms: the sequence-wise balance loss, Expert Output
+     Masking (EOM);
   4. an ``ExpertCompute`` (``computes.py``: capacity dispatch with the
      all-to-all, dropless, gating dropout's local / zero paths) maps the
      grouped tokens and the decision to the experts' combined output;
-  5. output transforms: Final Output Masking (FOM);
+  5. output transforms: shared experts added (``shared_experts.py``), Final
+     Output Masking (FOM);
   6. one loop sows the decision's and the compute's metrics
      (``moe_metrics.py``: unweighted; the model weights the losses).
 
@@ -41,6 +43,8 @@ from moe_jax.layers import moe_metrics
 from moe_jax.layers import regularization
 from moe_jax.layers import router_logits as router_logits_lib
 from moe_jax.layers import routers
+from moe_jax.layers import selection
+from moe_jax.layers import shared_experts
 
 Array = jax.Array
 MoeConfig = cfg_lib.MoeConfig
@@ -111,12 +115,15 @@ class MoeLayer(nn.Module):
     with jax.named_scope("router"):  # names the ops in profiles and HLO
       logits_module = router_logits_lib.make(c)
       nn.share_scope(self, logits_module)
-      logits = logits_module(x, route_ids=route_ids, deterministic=deterministic)
+      logits, selection_bias = logits_module(x, route_ids=route_ids,
+                                             deterministic=deterministic)
       logits = nn.with_logical_constraint(logits.reshape(g, s, c.num_experts),
                                           ("batch", "length", "unmodeled"))
       mask = None if padding_mask is None else padding_mask.reshape(g, s)
       decision = router.route(logits, mask, capacity,
-                              draw_rng(self, router.rng_mode(train)))
+                              draw_rng(self, router.rng_mode(train)),
+                              selection_bias=selection_bias)
+      decision = selection.with_sequence_loss(decision, c.sequence_balance_loss, b, l)
 
     weights = experts_lib.ExpertWeights(
         num_experts=c.num_experts, d_model=d, d_ff=c.d_ff, activations=c.activations,
@@ -128,8 +135,10 @@ class MoeLayer(nn.Module):
         self._dropout_key(train and c.expert_output_masking_rate > 0))
     y, compute_metrics = compute(x.astype(self.dtype).reshape(g, s, d), decision,
                                  weights, rngs)
+    y = shared_experts.add_shared_experts(c, x.astype(self.dtype), y.reshape(b, l, d),
+                                          self.dtype, self.param_dtype)
     y = regularization.mask_final_outputs(
-        y.reshape(b, l, d), c.final_output_masking_rate, deterministic,
+        y, c.final_output_masking_rate, deterministic,
         self._dropout_key(train and c.final_output_masking_rate > 0))
 
     moe_metrics.sow_all(self, {**compute.adjust_metrics(decision.metrics),

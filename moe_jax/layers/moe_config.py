@@ -18,6 +18,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Sequence
 
+from moe_jax.layers import dts_gate
+from moe_jax.layers import selection
+
 # The registered routers (layers/routers.py; tests check the two agree).
 ROUTER_TYPES = ("tokens_choose", "experts_choose", "dense_to_sparse")
 PRIORITIES = ("position", "batch_prioritized", "random")
@@ -25,10 +28,13 @@ PRIORITIES = ("position", "batch_prioritized", "random")
 DISPATCH_STRATEGIES = ("auto", "scatter", "gather", "einsum", "sort")
 # layers/ep_exchange.py exchanges of the dropless compute.
 DROPLESS_EXCHANGES = ("auto", "all_gather", "all_to_all", "ragged")
+SCORE_FUNCTIONS = selection.SCORE_FUNCTIONS
+BALANCE_SCOPES = selection.BALANCE_SCOPES
+GROUP_SCORES = selection.GROUP_SCORES
 
 
 @dataclasses.dataclass(frozen=True)
-class MoeConfig:
+class MoeConfig(selection.SelectionOptions, dts_gate.DtsOptions):
   """Options of ``MoeLayer``.
 
   Attributes:
@@ -122,6 +128,35 @@ class MoeConfig:
     shared_core_rank: shared-core experts (MPOE, Gao et al. 2022;
       ``shared_core.py``): each expert kernel is a shared matrix plus a
       rank-``r`` per-expert delta ``a_e @ b_e``; 0 (default) = plain experts.
+
+    The routing of today's MoE models (``selection.py``; tokens-choose only):
+    score_function: ``"softmax"`` (Switch, GShard, Mixtral) or ``"sigmoid"``
+      (DeepSeek-V3: independent per-expert affinities; the top-k gates are
+      normalized when ``renormalize_top_k``).
+    routed_scaling_factor: multiplies the routed experts' combine weights
+      (DeepSeek-V3 uses 2.5 with 256 fine-grained experts; 1.0 = off).
+    expert_bias_update_rate: auxiliary-loss-free load balancing (DeepSeek-V3,
+      ``gamma = 0.001`` there): a per-expert bias ``moe/expert_bias`` added
+      to the scores for the top-k selection only, moved after every training
+      step by ``rate * sign(mean_load - load)`` outside the optimizer (a
+      non-trainable parameter: no optimizer state, no weight decay). Use
+      with ``LossConfig.aux_loss_factor = 0`` for the method as published.
+      0 (default) = off.
+    sequence_balance_loss: sow DeepSeek-V3's sequence-wise balance loss
+      (weighted by ``LossConfig.sequence_aux_loss_factor``, 1e-4).
+    balance_loss_scope: ``"group"`` (Switch: per token group, averaged) or
+      ``"global"`` (Qwen: over the whole global batch, across data shards).
+    num_shared_experts: always-on experts (DeepSeek-MoE, Qwen-MoE) whose
+      output is added to the routed experts'; one dense MLP of
+      ``num_shared_experts * shared_expert_d_ff`` hidden units at
+      ``.../moe/shared_experts``, sharded like the model's dense MLPs.
+    shared_expert_d_ff: hidden size of one shared expert (default ``d_ff``).
+    routing_groups: device-limited routing (DeepSeek-V2; node-limited in V3):
+      the experts form this many groups (set it to the expert-parallel
+      degree, ``MESH_EXPERT``, so a group is a device); 0 = off.
+    routing_groups_per_token: ``M``, the groups (devices) a token may reach.
+    routing_group_score: rank groups by their best expert (``"max"``, V2) or
+      by their two best (``"top2_sum"``, V3).
   """
   num_experts: int = 8
   num_selected_experts: int = 2
@@ -140,7 +175,7 @@ class MoeConfig:
   dropless: bool = False
   dropless_block_size: int = 128
   dropless_exchange: str = "auto"
-  dropless_buffer_factor: float = 2.0
+  dropless_buffer_factor: float = 1.5
   expert_dropout_rate: float = 0.0
   router_bias: bool = False
   router_init_stddev: float = 0.02
@@ -155,14 +190,12 @@ class MoeConfig:
   num_route_ids: int = 0
   # --- Bi-level routing (SMILE; layers/bilevel.py) ---
   bilevel_outer_size: int = 0
-  # --- Dense-to-sparse gate (DTS-Gate; layers/dts_gate.py) + shared-core experts (MPOE; layers/shared_core.py) ---
-  dts_tau_start: float = 5.0
-  dts_tau_end: float = 0.01
-  dts_anneal_steps: int = 50_000
-  dts_anneal_schedule: str = "linear"
-  dts_threshold: float = 0.02
-  dts_train_capacity: str = "all_tokens"
+  # --- Shared-core experts (MPOE; layers/shared_core.py) ---
   shared_core_rank: int = 0
+  # --- Today's routing (the selection options come from SelectionOptions) ---
+  sequence_balance_loss: bool = False
+  num_shared_experts: int = 0
+  shared_expert_d_ff: Optional[int] = None
 
   def __post_init__(self):
     object.__setattr__(self, "activations", tuple(self.activations))
@@ -181,7 +214,7 @@ class MoeConfig:
                        f"use one of {DROPLESS_EXCHANGES}.")
     if self.dropless_buffer_factor <= 0:
       raise ValueError(f"dropless_buffer_factor={self.dropless_buffer_factor} must "
-                       "be > 0 (2.0: room for twice the balanced load).")
+                       "be > 0 (1.5: room for 1.5x the balanced load).")
     if self.dispatch not in DISPATCH_STRATEGIES:
       raise ValueError(
           f"dispatch={self.dispatch!r} is unknown; use one of {DISPATCH_STRATEGIES}.")
@@ -269,10 +302,60 @@ class MoeConfig:
       raise ValueError("shared_core_rank > 0 is not supported with bi-level routing "
                        "(bilevel_outer_size > 0 builds its own expert weights); "
                        "set one of them to 0.")
+    errors = _modern_routing_errors(self)
+    if errors:
+      raise ValueError("MoeConfig: " + " ".join(errors))
     if causal and self.router_type == "experts_choose":
       raise ValueError(
           "Experts-choose routing lets a token's output depend on later tokens "
           "of its group, which breaks causality in a decoder. Use "
           "router_type='tokens_choose' in causal (decoder) stacks; "
           "experts-choose is for encoders.")
+
+
+
+def _modern_routing_errors(c: "MoeConfig") -> list[str]:
+  """What is wrong with the options of ``selection.py``, as fix-it messages."""
+  errors = []
+  if c.score_function not in SCORE_FUNCTIONS:
+    errors.append(f"score_function={c.score_function!r}: use one of {SCORE_FUNCTIONS}.")
+  if c.balance_loss_scope not in BALANCE_SCOPES:
+    errors.append(f"balance_loss_scope={c.balance_loss_scope!r}: use one of "
+                  f"{BALANCE_SCOPES}.")
+  if c.routing_group_score not in GROUP_SCORES:
+    errors.append(f"routing_group_score={c.routing_group_score!r}: use one of "
+                  f"{GROUP_SCORES}.")
+  if c.routed_scaling_factor <= 0 or c.expert_bias_update_rate < 0:
+    errors.append(f"routed_scaling_factor={c.routed_scaling_factor} must be > 0 and "
+                  f"expert_bias_update_rate={c.expert_bias_update_rate} >= 0.")
+  if c.num_shared_experts < 0 or (c.shared_expert_d_ff is not None
+                                  and c.shared_expert_d_ff < 1):
+    errors.append(f"num_shared_experts={c.num_shared_experts} must be >= 0 and "
+                  f"shared_expert_d_ff={c.shared_expert_d_ff} >= 1 (or None: d_ff).")
+  modern = (c.score_function != "softmax" or c.expert_bias_update_rate > 0
+            or c.routing_groups or c.routed_scaling_factor != 1.0)
+  if modern and c.router_type != "tokens_choose":
+    errors.append("score_function, routed_scaling_factor, expert_bias_update_rate and "
+                  "routing_groups need router_type='tokens_choose'.")
+  if c.routing_groups:
+    g, m = c.routing_groups, c.routing_groups_per_token
+    if c.num_experts % g:
+      errors.append(f"routing_groups={g} must divide num_experts={c.num_experts} "
+                    "(use the expert-parallel degree, MESH_EXPERT).")
+    elif not 1 <= m <= g or m * (c.num_experts // g) < c.num_selected_experts:
+      errors.append(
+          f"routing_groups_per_token={m} must be in [1, routing_groups={g}] and leave "
+          f"at least num_selected_experts={c.num_selected_experts} experts "
+          f"({m} groups x {c.num_experts // g} experts).")
+    elif c.routing_group_score == "top2_sum" and c.num_experts // g < 2:
+      errors.append("routing_group_score='top2_sum' needs groups of >= 2 experts; "
+                    "use 'max' or fewer routing_groups.")
+  if c.expert_bias_update_rate > 0 and c.routing_level == "task":
+    errors.append("expert_bias_update_rate > 0 balances token routing; task-level "
+                  "routing (routing_level='task') has no token router to bias.")
+  if c.bilevel_outer_size and (modern or c.num_shared_experts or c.sequence_balance_loss):
+    errors.append("bi-level routing (bilevel_outer_size) does not combine with the "
+                  "scores, biases, shared experts, sequence loss or device limits of "
+                  "selection.py; turn one of them off.")
+  return errors
 

@@ -38,6 +38,9 @@ class MoeMetric:
       the training loss; ``None`` for a pure metric.
     loss_key: the training-metric name of that weighted term.
     logged: whether ``training/metrics.py`` reports it per layer.
+    param_update: the name of a non-trainable parameter of the same layer
+      that the train step moves by this value after the optimizer update
+      (``training/non_trainable.py``); ``None`` for others.
   """
   name: str
   short: str
@@ -45,6 +48,7 @@ class MoeMetric:
   loss_factor: Optional[str] = None
   loss_key: Optional[str] = None
   logged: bool = True
+  param_update: Optional[str] = None
 
 
 AUX_LOSS = "aux_loss"                  # Switch load-balancing loss
@@ -59,6 +63,8 @@ CMR_GATE_MEAN = "cmr_gate_mean"        # NLLB CMR: mean gate over real tokens
 AUX_LOSS_OUTER = "aux_loss_outer"      # bi-level routing: outer-level loss
 AUX_LOSS_INNER = "aux_loss_inner"      # bi-level routing: inner-level loss
 GATING_DROPOUT_FIRED = "gating_dropout_fired"  # 1.0 when the draw fired
+EXPERT_BIAS_UPDATE = "expert_bias_update"  # [E] aux-loss-free bias step (training)
+SEQUENCE_AUX_LOSS = "sequence_aux_loss"  # DeepSeek-V3 sequence-wise balance loss
 
 _ALL = (
     MoeMetric(AUX_LOSS, "aux", loss_factor="aux_loss_factor", loss_key="moe_aux_loss"),
@@ -76,6 +82,10 @@ _ALL = (
     MoeMetric(AUX_LOSS_OUTER, "aux_outer"),
     MoeMetric(AUX_LOSS_INNER, "aux_inner"),
     MoeMetric(GATING_DROPOUT_FIRED, "gd_fired", logged=False),
+    MoeMetric(EXPERT_BIAS_UPDATE, "bias_step", per_expert=True, logged=False,
+              param_update="expert_bias"),
+    MoeMetric(SEQUENCE_AUX_LOSS, "seq_aux", loss_factor="sequence_aux_loss_factor",
+              loss_key="moe_sequence_aux_loss"),
 )
 REGISTRY: dict[str, MoeMetric] = {m.name: m for m in _ALL}
 

@@ -1,13 +1,17 @@
 """Router logits: the first part of every MoE layer.
 
 ``__call__(x <float>[batch, length, D], *, route_ids, deterministic) ->
-<float32>[batch, length, E]``. The MoE layer runs the module the config asks
-for (:func:`make`) with a *shared scope*, so its parameters keep their
-historical paths ``.../moe/router_kernel`` (and ``router_bias``).
+(<float32>[batch, length, E], selection_bias <float32>[E] | None)``. The MoE
+layer runs the module the config asks for (:func:`make`) with a *shared
+scope*, so its parameters keep their historical paths
+``.../moe/router_kernel`` (and ``router_bias``, ``expert_bias``).
 
 * ``TokenRouterLogits``: a linear map of the token's hidden state (float32),
   with Switch's multiplicative jitter ``U(1-eps, 1+eps)`` on the input in
-  training (``"jitter"`` RNG stream) and an optional bias.
+  training (``"jitter"`` RNG stream) and an optional bias. With
+  auxiliary-loss-free balancing it also holds ``expert_bias`` <float32>[E],
+  the *selection* bias: a non-trainable parameter (logical axis
+  ``unmodeled``) that the train step moves (``training/non_trainable.py``).
 * ``task_routing.TaskRouterLogits``: a learned row per route id (Task-MoE).
 """
 
@@ -23,6 +27,8 @@ from moe_jax.layers import moe_config as cfg_lib
 from moe_jax.layers import task_routing
 
 Array = jax.Array
+# The aux-loss-free selection bias (a non-trainable parameter).
+NON_TRAINABLE_BIAS = "expert_bias"
 
 
 class TokenRouterLogits(nn.Module):
@@ -38,10 +44,11 @@ class TokenRouterLogits(nn.Module):
   init_stddev: float = 0.02
   use_bias: bool = False
   jitter_noise: float = 0.0
+  selection_bias: bool = False
 
   @nn.compact
   def __call__(self, x: Array, *, route_ids: Optional[Array] = None,
-               deterministic: bool = True) -> Array:
+               deterministic: bool = True) -> tuple[Array, Optional[Array]]:
     del route_ids
     router_in = x.astype(jnp.float32)
     if not deterministic and self.jitter_noise > 0:
@@ -59,7 +66,13 @@ class TokenRouterLogits(nn.Module):
           "router_bias",
           nn.with_logical_partitioning(nn.initializers.zeros, ("unmodeled",)),
           (self.num_experts,), jnp.float32)
-    return logits
+    bias = None
+    if self.selection_bias:
+      bias = jnp.asarray(self.param(
+          NON_TRAINABLE_BIAS,
+          nn.with_logical_partitioning(nn.initializers.zeros, ("unmodeled",)),
+          (self.num_experts,), jnp.float32), jnp.float32)
+    return logits, bias
 
 
 def make(config: cfg_lib.MoeConfig) -> nn.Module:
@@ -70,4 +83,5 @@ def make(config: cfg_lib.MoeConfig) -> nn.Module:
         init_stddev=config.router_init_stddev)
   return TokenRouterLogits(
       num_experts=config.num_experts, init_stddev=config.router_init_stddev,
-      use_bias=config.router_bias, jitter_noise=config.jitter_noise)
+      use_bias=config.router_bias, jitter_noise=config.jitter_noise,
+      selection_bias=config.expert_bias_update_rate > 0)

@@ -13,6 +13,7 @@ from typing import Callable
 from moe_jax.layers import dts_gate
 from moe_jax.layers import moe_config as cfg_lib
 from moe_jax.layers import routing
+from moe_jax.layers import selection
 
 Builder = Callable[[cfg_lib.MoeConfig], routing.Router]
 _BUILDERS: dict[str, Builder] = {}
@@ -47,7 +48,8 @@ def _tokens_choose(c: cfg_lib.MoeConfig) -> routing.Router:
   return routing.TokensChooseRouter(
       num_selected_experts=c.num_selected_experts, priority=c.priority,
       renormalize_top_k=c.renormalize_top_k, num_clusters=c.num_expert_clusters,
-      cluster_dropout_rate=c.cluster_expert_dropout_rate)
+      cluster_dropout_rate=c.cluster_expert_dropout_rate,
+      options=selection.SelectionOptions.of(c))
 
 
 @register("experts_choose")
@@ -60,6 +62,4 @@ def _experts_choose(c: cfg_lib.MoeConfig) -> routing.Router:
 def _dense_to_sparse(c: cfg_lib.MoeConfig) -> routing.Router:
   return dts_gate.DenseToSparseRouter(
       num_selected_experts=c.num_selected_experts, renormalize_top_k=c.renormalize_top_k,
-      tau_start=c.dts_tau_start, tau_end=c.dts_tau_end, anneal_steps=c.dts_anneal_steps,
-      anneal_schedule=c.dts_anneal_schedule, threshold=c.dts_threshold,
-      train_capacity=c.dts_train_capacity)
+      options=dts_gate.DtsOptions.of(c))

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 from moe_jax.layers import moe_metrics as mm
 from moe_jax.layers import regularization
+from moe_jax.layers import selection
 
 Array = jax.Array
 
@@ -81,36 +82,11 @@ class Router(Protocol):
     ...
 
   def route(self, logits: Array, padding_mask: Optional[Array], capacity: int,
-            rng: Optional[Array]) -> RoutingDecision:
+            rng: Optional[Array], selection_bias: Optional[Array] = None
+            ) -> RoutingDecision:
+    """``selection_bias`` <float32>[E]: added to the scores for choosing only
+    (auxiliary-loss-free balancing); routers that do not support it refuse it."""
     ...
-
-
-def top_k(x: Array, k: int) -> tuple[Array, Array]:
-  """``jax.lax.top_k`` along the last axis, partitioned like the rest.
-
-  XLA's TopK is not split along the leading (group) dimensions by the SPMD
-  partitioner: a sharded ``[G, S, E]`` input is all-gathered and every
-  device ranks the whole global batch. This version is made of argmax
-  reductions (``k <= 8``) or a stable sort, both of which keep the group
-  dimension sharded. Same values, same indices, same tie-break (the lower
-  index first) as ``lax.top_k``.
-
-  Args:
-    x: <float>[..., N]; k: how many, ``<= N``.
-  Returns:
-    ``(values <float>[..., k], indices <int32>[..., k])``, largest first.
-  """
-  if k <= 8:
-    remaining, values, indices = x, [], []
-    for _ in range(k):
-      index = jnp.argmax(remaining, axis=-1)
-      values.append(jnp.take_along_axis(x, index[..., None], axis=-1)[..., 0])
-      indices.append(index)
-      taken = jax.nn.one_hot(index, x.shape[-1], dtype=jnp.bool_)
-      remaining = jnp.where(taken, -jnp.inf, remaining)
-    return jnp.stack(values, axis=-1), jnp.stack(indices, axis=-1).astype(jnp.int32)
-  order = jnp.argsort(-x, axis=-1, stable=True)[..., :k].astype(jnp.int32)
-  return jnp.take_along_axis(x, order, axis=-1), order
 
 
 def masked_mean(x: Array, mask: Array, axis) -> Array:
@@ -171,12 +147,17 @@ def router_z_loss(logits: Array, mask: Array) -> Array:
   return jnp.sum(lse ** 2 * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def load_balancing_loss(probs: Array, expert_index: Array, mask: Array) -> Array:
-  """Switch load-balancing loss ``E * sum_e f_e * P_e``, averaged over groups.
+def load_balancing_loss(probs: Array, expert_index: Array, mask: Array,
+                        scope: str = "group") -> Array:
+  """Switch load-balancing loss ``E * sum_e f_e * P_e``.
 
-  ``f_e`` is the fraction of a group's real tokens that have expert ``e``
-  among their top-k (so ``sum_e f_e = k``); ``P_e`` the mean router
-  probability of ``e``. Perfect balance gives ``k``.
+  ``f_e`` is the fraction of real tokens that have expert ``e`` among their
+  top-k (so ``sum_e f_e = k``); ``P_e`` the mean router probability of ``e``.
+  Perfect balance gives ``k``. ``scope="group"`` (Switch, GShard) computes
+  ``f`` and ``P`` per token group and averages the losses over groups;
+  ``"global"`` (Qwen's global-batch balance) computes them over every real
+  token of the (global) batch, so a group may be unbalanced as long as the
+  batch is not. Under SPMD the global statistics cost two small all-reduces.
 
   Args:
     probs: <float32>[G, S, E] router probabilities.
@@ -186,6 +167,13 @@ def load_balancing_loss(probs: Array, expert_index: Array, mask: Array) -> Array
   num_experts = probs.shape[-1]
   chosen = jnp.max(jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32),
                    axis=-2)  # [G, S, E]
+  if scope == "global":
+    f = masked_mean(chosen, mask[..., None], axis=(0, 1))  # [E]
+    p = masked_mean(probs, mask[..., None], axis=(0, 1))  # [E]
+    return jnp.sum(f * p) * num_experts
+  if scope != "group":
+    raise ValueError(f"Unknown balance scope {scope!r}; use one of "
+                     f"{selection.BALANCE_SCOPES}.")
   f = masked_mean(chosen, mask[..., None], axis=1)  # [G, E]
   p = masked_mean(probs, mask[..., None], axis=1)  # [G, E]
   return jnp.mean(jnp.sum(f * p, axis=-1)) * num_experts
@@ -252,12 +240,20 @@ class TokensChooseRouter:
   assignment whose expert is full is dropped. With expert clusters (MoEC)
   the decision also reports ``cluster_loss`` and, in training, re-routes a
   share of the assignments within their cluster.
+
+  The selection follows today's MoE models when ``options`` ask
+  (``selection.SelectionOptions``): sigmoid scores, a routed scaling factor
+  on the gates, a per-expert selection bias (auxiliary-loss-free balancing:
+  ``route(..., selection_bias=b)``; the decision then reports the bias step
+  ``expert_bias_update``), device-limited routing over expert groups, and a
+  balance loss over the whole batch instead of per group.
   """
   num_selected_experts: int = 2
   priority: str = "position"
   renormalize_top_k: bool = True
   num_clusters: int = 0
   cluster_dropout_rate: float = 0.0
+  options: selection.SelectionOptions = selection.SelectionOptions()
 
   def rng_mode(self, train: bool) -> Optional[str]:
     """Random priority needs a key even in eval (a fixed one); cluster
@@ -268,16 +264,23 @@ class TokensChooseRouter:
     return "fixed" if self.priority == "random" else None
 
   def route(self, logits: Array, padding_mask: Optional[Array], capacity: int,
-            rng: Optional[Array] = None) -> RoutingDecision:
-    """See ``Router``. logits <float32>[G, S, E]; padding_mask [G, S]."""
+            rng: Optional[Array] = None,
+            selection_bias: Optional[Array] = None) -> RoutingDecision:
+    """See ``Router``. logits <float32>[G, S, E]; padding_mask [G, S];
+    selection_bias <float32>[E] or None."""
     logits = logits.astype(jnp.float32)
     g, s, e = logits.shape
     k = self.num_selected_experts
     mask = as_mask(padding_mask, (g, s))
-    probs = jax.nn.softmax(logits, axis=-1)
-    gate, expert_index = top_k(probs, k)  # [G, S, K]
+    o = self.options
+    scores, probs = selection.score(logits, o.score_function)
+    gate, expert_index = selection.select_top_k(  # [G, S, K]
+        scores, k, bias=selection_bias, num_groups=o.routing_groups,
+        groups_per_token=o.routing_groups_per_token, group_score=o.routing_group_score)
     if self.renormalize_top_k and k > 1:
       gate = gate / jnp.sum(gate, axis=-1, keepdims=True)
+    if o.routed_scaling_factor != 1.0:
+      gate = gate * o.routed_scaling_factor
     gate = gate * mask[..., None]
     priority_rng = reroute_rng = None
     if rng is not None:
@@ -306,11 +309,14 @@ class TokensChooseRouter:
     slot_token, slot_weight = slot_tables(slot, gate, e * capacity)
 
     real = jnp.maximum(jnp.sum(mask) * k, 1.0)
+    load = jnp.sum(one_hot, axis=(0, 1, 2)).astype(jnp.float32) / real
     metrics = standard_metrics(
         probs, logits, mask,
-        aux_loss=load_balancing_loss(probs, expert_index, mask),
+        aux_loss=load_balancing_loss(probs, expert_index, mask, o.balance_loss_scope),
         dropped_fraction=1.0 - jnp.sum(keep.astype(jnp.float32)) / real,
-        expert_load=jnp.sum(one_hot, axis=(0, 1, 2)).astype(jnp.float32) / real)
+        expert_load=load)
+    if o.expert_bias_update_rate > 0:
+      extra[mm.EXPERT_BIAS_UPDATE] = selection.bias_update(load, o.expert_bias_update_rate)
     return RoutingDecision(
         slot_token=slot_token.reshape(g, e, capacity),
         slot_weight=slot_weight.reshape(g, e, capacity),
@@ -335,15 +341,19 @@ class ExpertsChooseRouter:
     return None
 
   def route(self, logits: Array, padding_mask: Optional[Array], capacity: int,
-            rng: Optional[Array] = None) -> RoutingDecision:
+            rng: Optional[Array] = None,
+            selection_bias: Optional[Array] = None) -> RoutingDecision:
     del rng
+    if selection_bias is not None:
+      raise ValueError("Experts-choose routing is balanced by construction and takes "
+                       "no selection bias; set MoeConfig.expert_bias_update_rate=0.")
     logits = logits.astype(jnp.float32)
     g, s, e = logits.shape
     mask = as_mask(padding_mask, (g, s))
     probs = jax.nn.softmax(logits, axis=-1)
     # Padding can never outrank a real token: score -1 < any probability.
     scores = jnp.where(mask[..., None] > 0, probs, -1.0)
-    slot_score, slot_token = top_k(jnp.swapaxes(scores, 1, 2), capacity)
+    slot_score, slot_token = selection.top_k(jnp.swapaxes(scores, 1, 2), capacity)
     real_slot = slot_score >= 0  # [G, E, C]
     slot_weight = jnp.where(real_slot, slot_score, 0.0)
     slot_token = jnp.where(real_slot, slot_token, s).astype(jnp.int32)

@@ -50,7 +50,8 @@ class TaskRouterLogits(nn.Module):
 
   Used by ``MoeLayer`` with a shared scope, so the table sits at
   ``.../moe/router_kernel``. ``__call__(x <float>[batch, length, D], *,
-  route_ids <int>[batch, length], deterministic) -> <float32>[batch, length, E]``.
+  route_ids <int>[batch, length], deterministic) -> (<float32>[batch, length, E],
+  None)`` (no selection bias).
   ``route_ids`` are in ``[0, num_route_ids]`` (0 = padding); ``None`` is
   accepted only while initializing (the table's shape does not depend on the
   ids). An id above ``num_route_ids`` gives NaN logits (out-of-range gather):
@@ -67,7 +68,7 @@ class TaskRouterLogits(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, *, route_ids: Optional[Array] = None,
-               deterministic: bool = True) -> Array:
+               deterministic: bool = True) -> tuple[Array, None]:
     del deterministic  # no noise on a table lookup
     batch_length = tuple(x.shape[:2])
     table = self.param(
@@ -86,7 +87,7 @@ class TaskRouterLogits(nn.Module):
           "per-example id must be broadcast over the length).")
     table = jnp.asarray(table, jnp.float32)
     return jnp.take(table, route_ids.astype(jnp.int32), axis=0, mode="fill",
-                    fill_value=jnp.nan)
+                    fill_value=jnp.nan), None
 
 
 def experts_for_route_ids(params: Any, k: int, encoder_route_id: Optional[int] = None,

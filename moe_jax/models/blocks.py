@@ -35,6 +35,7 @@ from moe_jax.layers.dense import DenseGeneral
 from moe_jax.layers.mlp import MlpBlock
 from moe_jax.layers.moe import MoeLayer
 from moe_jax.layers.norms import RMSNorm
+from moe_jax.models import host_offload
 from moe_jax.models.config import SparseLayout, T5Config
 
 SCANNED_NAME = "layers"
@@ -152,11 +153,16 @@ class _Block(nn.Module):
     return x, None
 
 
-def _remat(module_cls, policy_name: str, scanned: bool):
+def _remat(module_cls, policy_name: str, scanned: bool, stream: bool = False):
+  """``module_cls`` rematerialised by ``T5Config.remat_policy`` and, with
+  ``stream``, fetching host-memory params itself (``host_offload.streamed``,
+  inside the remat so the backward pass fetches them again)."""
+  if stream:
+    module_cls = host_offload.streamed(module_cls)
   if policy_name == "none":
     return module_cls
-  policy = None if policy_name == "full" else jax.checkpoint_policies.dots_saveable
-  return nn.remat(module_cls, policy=policy, prevent_cse=not scanned)
+  return nn.remat(module_cls, policy=host_offload.remat_policy(policy_name),
+                  prevent_cse=not scanned)
 
 
 class LayerStack(nn.Module):
@@ -192,13 +198,15 @@ class LayerStack(nn.Module):
                   deterministic=self.deterministic, decode=self.decode)
     args = (self_bias, encoded, cross_bias, padding_mask, decode_position, route_ids)
     if not cfg.scan_layers:
-      layer_cls = _remat(TransformerLayer, cfg.remat_policy, scanned=False)
+      layer_cls = _remat(TransformerLayer, cfg.remat_policy, scanned=False,
+                         stream=not self.is_initializing())
       for i, n in enumerate(experts):
         x = layer_cls(num_experts=n, name=f"layers_{i}", **common)(x, *args)
       return x
     moe = cfg.stack_moe(stack_name(self.causal))
     period = self.layout.scan_period(self.num_layers, moe.num_experts if moe else 0)
-    block_cls = _remat(_Block, cfg.remat_policy, scanned=True)
+    block_cls = _remat(_Block, cfg.remat_policy, scanned=True,
+                       stream=not self.is_initializing())
     scanned = nn.scan(
         block_cls,
         variable_axes={"params": 0, "cache": 0, "intermediates": 0},

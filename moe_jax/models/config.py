@@ -21,7 +21,7 @@ from moe_jax.layers.moe_config import MoeConfig
 # readable without gin (e.g. for a distillation teacher).
 CONFIG_FILE = "model_config.json"
 LAYOUT_KINDS = ("none", "all", "every", "top", "bottom", "explicit")
-REMAT_POLICIES = ("none", "full", "dots_saveable")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "offload")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,8 +152,10 @@ class T5Config:
       ``decoder_layout``); ``prefix_lm`` lets inputs marked by
       ``decoder_causal_attention`` attend bidirectionally.
     scan_layers: stack layers with ``nn.scan`` (blocks of the layout's period).
-    remat_policy: ``"none"``, ``"full"`` (recompute everything) or
-      ``"dots_saveable"`` (keep matmul outputs).
+    remat_policy: ``"none"``, ``"full"`` (recompute everything),
+      ``"dots_saveable"`` (keep matmul outputs) or ``"offload"`` (move the
+      MoE dispatch/combine and attention outputs to host memory, recompute
+      the rest; ``moe_jax.models.host_offload``).
   """
   vocab_size: int = 32128
   d_model: int = 512

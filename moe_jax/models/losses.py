@@ -36,6 +36,8 @@ DEFAULT_ROUTER_Z_LOSS_FACTOR = 0.0
 DEFAULT_CLUSTER_LOSS_FACTOR = 1e-2
 # NLLB conditional MoE routing budget loss weight (Costa-jussà et al. 2022).
 DEFAULT_CMR_BUDGET_LOSS_FACTOR = 0.1
+# DeepSeek-V3's complementary sequence-wise balance loss (its alpha).
+DEFAULT_SEQUENCE_AUX_LOSS_FACTOR = 1e-4
 # Loss terms reported even when no layer sowed them (0 for a dense model).
 ALWAYS_REPORTED = (mm.AUX_LOSS, mm.Z_LOSS)
 

@@ -23,7 +23,7 @@ import optax
 from moe_jax import models, partitioning
 from moe_jax.data import pipeline, train_iterator
 from moe_jax.training import distillation as distillation_lib
-from moe_jax.training import loop, metrics, optimizers, param_counts
+from moe_jax.training import loop, metrics, offload as offload_lib, optimizers, param_counts
 from moe_jax.training import train_state, train_step
 
 
@@ -53,6 +53,7 @@ class Experiment:
   tensorboard: bool = True
   decode_eval: bool = False
   distillation: Optional[distillation_lib.DistillationConfig] = None
+  offload: offload_lib.OffloadConfig = offload_lib.OffloadConfig()
 
   @property
   def mesh(self):
@@ -66,7 +67,7 @@ class Experiment:
   def layout(self) -> train_state.StateLayout:
     """The abstract train state and its shardings (traced once, no arrays)."""
     return train_state.StateLayout.create(self.model, self.tx, self.partitioner,
-                                          self.batch_shapes)
+                                          self.batch_shapes, offload=self.offload)
 
   # -- the compiled program -------------------------------------------------------
   def _jitted_step(self, teacher: Optional[distillation_lib.Teacher] = None):
@@ -87,7 +88,7 @@ class Experiment:
     """
     layout, step = self.layout, self._jitted_step()
     with self.partitioner.activate():
-      return step.lower(layout.abstract, self.batch_shapes)
+      return step.lower(layout.placed_abstract(), self.batch_shapes)
 
   def init_and_step(self) -> dict[str, float]:
     """Sharded init + one jitted train step on a synthetic batch; metrics."""
@@ -101,6 +102,13 @@ class Experiment:
     with self.partitioner.activate():
       _, m = step(state, self.partitioner.global_batch(local))
     return metrics.to_host(m)
+
+  def memory_settings(self) -> dict[str, Any]:
+    """Where the train state and activations live: the offload macros, the
+    remat policy and ZeRO sharding (the start-up line and moe-compile's JSON)."""
+    return {**self.offload.as_dict(),
+            "remat_policy": self.model_config.remat_policy,
+            "zero_sharding": self.partitioner.zero_sharding}
 
   def active_params(self) -> int:
     """Parameters a token passes through (experts count ``k/E`` of their stack)."""
@@ -133,6 +141,9 @@ class Experiment:
           self.task_feature_lengths, self.batch_size, max_examples=max_examples,
           output_dir=(os.path.join(self.model_dir, "eval_decode")
                       if self.model_dir else None))
+      if self.offload.params:  # decoding reads device params
+        decode_eval_fn = functools.partial(_with_device_params, decode_eval_fn,
+                                           self.layout.device_shardings.params)
 
     abstract = self.layout.abstract
     active = self.active_params()
@@ -144,7 +155,8 @@ class Experiment:
       log_fn(f"moe-train: {param_counts.total(abstract.params):,} params "
              f"({active:,} active per token), mesh {dict(self.mesh.shape)}, "
              f"batch {self.batch_size} x {lengths}, {cfg.train_steps} steps"
-             + (f", matmul peak {peak / 1e9:.1f} GFLOP/s" if peak else ""))
+             + (f", matmul peak {peak / 1e9:.1f} GFLOP/s" if peak else "")
+             + ", " + " ".join(f"{k}={v}" for k, v in self.memory_settings().items()))
     writers = metrics.create_writers(self.model_dir if self.tensorboard else None,
                                      primary)
     return loop.train(
@@ -155,6 +167,11 @@ class Experiment:
         peak_flops=peak, log_fn=log_fn, decode_eval_fn=decode_eval_fn,
         distillation=self.distillation, step_factory=self._jitted_step,
         on_start=on_start)
+
+
+def _with_device_params(fn, shardings, step, params):
+  """``fn(step, params)`` with host-memory params copied to the device first."""
+  return fn(step, jax.device_put(params, shardings))
 
 
 def validate(model_config, mesh, batch_size: int, num_microbatches: int) -> None:
@@ -209,6 +226,9 @@ def build_experiment(
     mesh_shape: Optional[Mapping[str, int]] = None,
     dcn_mesh_shape: Optional[Mapping[str, int]] = None,
     fsdp_params: bool = True,
+    zero_sharding: bool = False,
+    offload_optimizer_state: bool = False,
+    offload_params: bool = False,
     num_microbatches: int = 1,
     log_period: int = 100,
     seed: int = 0,
@@ -236,7 +256,12 @@ def build_experiment(
   teacher checkpoint (:mod:`moe_jax.training.distillation`); the smoke
   helpers ``init_and_step`` / ``lower_step`` use the plain step. ``devices``
   (default ``jax.devices()``) builds the mesh from other devices, e.g. the
-  compile-only TPU devices of ``moe-compile``.
+  compile-only TPU devices of ``moe-compile``. ``zero_sharding`` shards the
+  non-expert weights and their optimizer state over every batch axis
+  (:func:`moe_jax.partitioning.standard_logical_rules`);
+  ``offload_optimizer_state`` / ``offload_params`` (gin macros
+  ``OFFLOAD_OPTIMIZER_STATE`` / ``OFFLOAD_PARAMS``) keep those trees in host
+  memory between steps (:mod:`moe_jax.training.offload`).
 
   Raises:
     ConfigError: mesh sizes that do not match the devices, a batch that does
@@ -248,11 +273,26 @@ def build_experiment(
     importlib.import_module(mixture_or_task_module)
   try:
     partitioner = partitioning.Partitioner.create(
-        mesh_shape, dcn_mesh_shape, devices=devices, fsdp_params=fsdp_params)
+        mesh_shape, dcn_mesh_shape, devices=devices, fsdp_params=fsdp_params,
+        zero_sharding=zero_sharding)
   except ValueError as e:
     count = jax.device_count() if devices is None else len(devices)
     raise ConfigError(f"{e} (there are {count} devices.)") from e
   validate(model_config, partitioner.mesh, batch_size, num_microbatches)
+  shards = partitioning.mesh_axis_size(partitioner.mesh, partitioning.BATCH_MESH_AXES)
+  if zero_sharding and model_config.d_model % shards:
+    raise ConfigError(
+        f"train.zero_sharding=True shards d_model={model_config.d_model} over "
+        f"data*fsdp*expert = {shards} devices, which does not divide it; set "
+        "--gin.train.zero_sharding=False (or MESH_FSDP for FSDP over fewer devices), "
+        "or change the mesh.")
+  offload = offload_lib.OffloadConfig(optimizer_state=bool(offload_optimizer_state),
+                                      params=bool(offload_params))
+  try:
+    offload_lib.check_supported(offload, list(partitioner.mesh.devices.flat),
+                                model_config.remat_policy)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   if train_steps < 1:
     raise ConfigError(f"TRAIN_STEPS={train_steps} must be >= 1.")
   if on_damaged_checkpoint not in ("fall_back", "refuse"):
@@ -288,4 +328,5 @@ def build_experiment(
       model_dir=model_dir, initial_checkpoint_path=initial_checkpoint_path,
       pack=pack, data_seed=seed if data_seed is None else data_seed,
       decode_eval=decode_eval, distillation=distillation,
-      measure_peak_flops=measure_peak_flops, tensorboard=tensorboard)
+      measure_peak_flops=measure_peak_flops, tensorboard=tensorboard,
+      offload=offload)

@@ -11,7 +11,7 @@ whole on one device.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
 import flax.struct
@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import optax
 
 from moe_jax import partitioning
+from moe_jax.training import non_trainable
+from moe_jax.training import offload as offload_lib
 from moe_jax.training import optimizers
 
 # RNG streams the model consumes when training.
@@ -122,9 +124,12 @@ class StateLayout:
       (:func:`dummy_batch`; parameter shapes do not depend on them).
     abstract: ``TrainState`` of ``jax.ShapeDtypeStruct`` leaves (use it for
       checkpoint restore and lowering).
-    shardings: ``TrainState`` of ``NamedSharding`` leaves.
+    shardings: ``TrainState`` of ``NamedSharding`` leaves: where the state
+      rests between steps (memory kind ``pinned_host`` for the trees
+      ``offload`` names, :mod:`moe_jax.training.offload`).
     param_axes: the params' logical axis names (``PartitionSpec`` of logical
       names per leaf, ``None`` for unannotated leaves).
+    offload: which trees rest in host memory.
   """
   partitioner: partitioning.Partitioner
   model: nn.Module
@@ -133,18 +138,29 @@ class StateLayout:
   abstract: TrainState
   shardings: TrainState
   param_axes: Any
+  offload: offload_lib.OffloadConfig = offload_lib.OffloadConfig()
 
   @classmethod
   def create(cls, model: nn.Module, tx: optax.GradientTransformation,
              partitioner: partitioning.Partitioner,
-             batch_shapes: Mapping[str, jax.ShapeDtypeStruct]) -> "StateLayout":
-    """Traces the model's init (no arrays are allocated) and derives the shardings."""
+             batch_shapes: Mapping[str, jax.ShapeDtypeStruct],
+             offload: Optional[offload_lib.OffloadConfig] = None) -> "StateLayout":
+    """Traces the model's init (no arrays are allocated) and derives the shardings.
+
+    Raises:
+      ValueError: ``offload`` asks for host memory the devices do not have.
+    """
+    offload = offload or offload_lib.OffloadConfig()
+    offload_lib.check_supported(offload, list(partitioner.mesh.devices.flat))
     init = _param_init_fn(model, batch_shapes)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)
     with partitioner.activate():
       boxed = jax.eval_shape(init, key)
     param_sh = partitioner.params_shardings(boxed)
     params = _unboxed(boxed)
+    # Non-trainable parameters (e.g. the aux-loss-free bias) get no optimizer
+    # state and no updates from it (training/non_trainable.py).
+    tx = non_trainable.exclude_from_optimizer(tx, params)
     opt = jax.eval_shape(tx.init, params)
     shardings = TrainState(
         step=partitioner.replicated, params=param_sh,
@@ -153,13 +169,32 @@ class StateLayout:
         rng=partitioner.replicated, tx=tx)
     abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32),
                           params=params, opt_state=opt, rng=key, tx=tx)
+    if offload.params:
+      shardings = shardings.replace(
+          params=offload_lib.host_shardings(params, shardings.params))
+    if offload.optimizer_state:
+      shardings = shardings.replace(
+          opt_state=offload_lib.host_shardings(opt, shardings.opt_state))
     return cls(partitioner=partitioner, model=model, tx=tx,
                batch_shapes=dict(batch_shapes), abstract=abstract,
-               shardings=shardings, param_axes=nn.get_partition_spec(boxed))
+               shardings=shardings, param_axes=nn.get_partition_spec(boxed),
+               offload=offload)
 
   @property
   def mesh(self):
     return self.partitioner.mesh
+
+  @property
+  def device_shardings(self) -> TrainState:
+    """``shardings`` with every leaf in device memory (where the step computes)."""
+    return offload_lib.device_shardings(self.shardings)
+
+  def placed_abstract(self) -> TrainState:
+    """``abstract`` with each leaf's resting sharding attached (lowering from
+    it traces host-memory leaves as host arrays, as the real state is)."""
+    return jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        self.abstract, self.shardings)
 
   @property
   def batch_sharding(self):

@@ -31,6 +31,8 @@ from moe_jax.layers import schedule as step_schedule
 from moe_jax.models import losses
 from moe_jax.training import distillation as distillation_lib
 from moe_jax.training import metrics as metrics_lib
+from moe_jax.training import non_trainable
+from moe_jax.training import offload as offload_lib
 from moe_jax.training import train_state as train_state_lib
 
 Batch = Mapping[str, jax.Array]
@@ -48,6 +50,9 @@ class LossConfig:
     cluster_loss_factor: MoEC variance-loss factor (1e-2); the term exists
       only when ``MoeConfig.num_expert_clusters > 0``. Logged as
       ``moe_cluster_loss``.
+    sequence_aux_loss_factor: DeepSeek-V3's sequence-wise balance loss
+      factor (its alpha, 1e-4); the term exists only when a layer has
+      ``MoeConfig.sequence_balance_loss``. Logged as ``moe_sequence_aux_loss``.
     cmr_budget_loss_factor: NLLB conditional-routing budget-loss factor
       (paper: 0.1); the term exists only when CMR is on. Logged as
       ``cmr_budget_loss``.
@@ -60,6 +65,8 @@ class LossConfig:
   # -- MoEC / NLLB CMR loss factors (issue 10) --
   cluster_loss_factor: float = losses.DEFAULT_CLUSTER_LOSS_FACTOR
   cmr_budget_loss_factor: float = losses.DEFAULT_CMR_BUDGET_LOSS_FACTOR
+  # -- DeepSeek-V3 sequence-wise balance loss (MoeConfig.sequence_balance_loss) --
+  sequence_aux_loss_factor: float = losses.DEFAULT_SEQUENCE_AUX_LOSS_FACTOR
 
 
 
@@ -124,7 +131,9 @@ def forward(model: nn.Module, params: Any, batch: Batch, cfg: LossConfig,
   sums.update(losses.weighted_moe_losses(inter, dataclasses.asdict(cfg)))
   if teacher is not None:
     sums["distillation_sum"] = teacher.loss_sum(batch, logits, weights)
-  return sums, metrics_lib.moe_metrics(inter)
+  # Non-trainable parameters' steps ride along with the MoE metrics (so
+  # microbatches average them); the train step applies and removes them.
+  return sums, {**metrics_lib.moe_metrics(inter), **non_trainable.sown_updates(inter)}
 
 
 def _split_microbatches(batch: Batch, num_microbatches: int, mesh: Optional[Mesh]):
@@ -189,6 +198,8 @@ def loss_and_grads(model: nn.Module, params: Any, batch: Batch, cfg: LossConfig,
       acc, loss_acc, sums_acc, moe_acc = carry
       mb, i = xs
       (l, (s, mo)), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+      # Offloaded layer params give host-memory gradients: sum them on device.
+      g = offload_lib.to_device(g)
       acc = jax.tree_util.tree_map(lambda a, x: a + x.astype(jnp.float32), acc, g)
       add = lambda a, x: a + x
       return (acc, loss_acc + l, jax.tree_util.tree_map(add, sums_acc, s),
@@ -228,17 +239,26 @@ def make_train_step(model: nn.Module, cfg: LossConfig,
   """
 
   def step_body(state, batch, teacher):
+    rested = state   # where each leaf rests between steps (host or device)
     rng = jax.random.fold_in(state.rng, state.step)
     with step_schedule.training_step(state.step):
-      grads, metrics = loss_and_grads(model, state.params, batch, cfg, rng,
-                                      num_microbatches, mesh, teacher=teacher)
+      grads, metrics = loss_and_grads(model, offload_lib.params_for_model(state.params),
+                                      batch, cfg, rng, num_microbatches, mesh,
+                                      teacher=teacher)
+    # Host offload: the update runs on the device; host leaves stream in here
+    # and back at the end (no-ops for a state that rests on the device).
+    state = state.replace(params=offload_lib.to_device(state.params),
+                          opt_state=offload_lib.to_device(state.opt_state))
+    grads = offload_lib.to_device(grads)
     grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
     metrics["grad_norm"] = optax.global_norm(grads)
     if schedule is not None:
       metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
     new_state = state.apply_gradients(grads)
+    params, metrics = non_trainable.apply_updates(new_state.params, metrics)
+    new_state = new_state.replace(params=params)
     metrics["param_norm"] = optax.global_norm(new_state.params)
-    return new_state, metrics
+    return offload_lib.like(new_state, rested), metrics
 
   if distillation is None:
     def train_step(state: train_state_lib.TrainState, batch: Batch):
@@ -260,6 +280,7 @@ def make_eval_step(model: nn.Module, cfg: LossConfig) -> Callable[[Any, Batch], 
   """``eval_step(params, batch) -> metric sums`` (teacher-forced, no dropout)."""
 
   def eval_step(params, batch: Batch):
+    params = offload_lib.params_for_model(params)  # host offload (OFFLOAD_PARAMS)
     sums, moe = forward(model, params, batch, cfg, None, enable_dropout=False)
     return {**sums, **{k: v for k, v in moe.items() if k.startswith("moe/mean/")}}
 

@@ -1,0 +1,84 @@
+"""Host-memory traffic of a compiled program: what host offload costs per step.
+
+In a compiled TPU (or GPU) module, buffers in host memory (memory kind
+``pinned_host``) carry memory space ``S(5)`` in their layout. :func:`transfers`
+counts, per step and per chip, the copies between device and host memory:
+
+* ``copy-start`` (async; its result is ``(destination, source, context)``)
+  and ``copy`` whose destination and source sit in different spaces;
+* ``dynamic-slice`` reading a slice of a host buffer into device memory and
+  ``dynamic-update-slice`` writing a device slice into a host buffer (one
+  slice per loop iteration, e.g. offloaded activations of scanned layers).
+
+An instruction inside a while loop counts once per iteration (trip counts
+as in :mod:`moe_jax.aot.hlo`). Bytes are the per-chip buffer moved.
+:func:`seconds` turns the bytes into the time they take at the chip's
+host link bandwidth (:mod:`moe_jax.aot.chips`), the two directions in
+parallel (PCIe is full duplex).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from moe_jax.aot import hlo
+
+HOST_MEMORY_SPACE = "S(5)"
+DIRECTIONS = ("host_to_device", "device_to_host")
+
+
+def _on_host(shape: str) -> bool:
+  return HOST_MEMORY_SPACE in shape
+
+
+def _operand_shape(module: hlo.Module, instr: hlo.Instruction,
+                   index: int) -> Optional[str]:
+  if hlo._ARRAY.search(instr.operand_text):  # pylint: disable=protected-access
+    parts = hlo._split_top_level(instr.operand_text)  # pylint: disable=protected-access
+    return parts[index] if index < len(parts) else None
+  if index < len(instr.operands) and instr.operands[index] in module.by_name:
+    return module.by_name[instr.operands[index]].shape
+  return None
+
+
+def transfer(module: hlo.Module, instr: hlo.Instruction) -> Optional[tuple[str, int]]:
+  """``(direction, bytes)`` when ``instr`` copies between device and host memory."""
+  op = instr.opcode
+  if op == "copy-start":
+    parts = hlo._split_top_level(instr.shape.strip()[1:-1])  # pylint: disable=protected-access
+    if len(parts) < 2:
+      return None
+    dest, src = parts[0], parts[1]
+  elif op in ("copy", "dynamic-slice"):
+    dest, src = instr.shape, _operand_shape(module, instr, 0)
+  elif op == "dynamic-update-slice":   # the update (operand 1) moves
+    dest, src = instr.shape, _operand_shape(module, instr, 1)
+    if src is None or _on_host(dest) == _on_host(src):
+      return None
+    return ("device_to_host" if _on_host(dest) else "host_to_device"), hlo.shape_bytes(src)
+  else:
+    return None
+  if src is None or _on_host(dest) == _on_host(src):
+    return None
+  return ("device_to_host" if _on_host(dest) else "host_to_device"), hlo.shape_bytes(dest)
+
+
+def transfers(text: str) -> dict[str, dict[str, int]]:
+  """``{"host_to_device": {"count", "bytes"}, "device_to_host": {...}}`` per
+  step and chip for the compiled module ``text`` (``compiled.as_text()``)."""
+  module = hlo.parse_module(text)
+  runs, _ = hlo.multiplicities(module)
+  out = {k: {"count": 0, "bytes": 0} for k in DIRECTIONS}
+  for comp, instrs in module.computations.items():
+    n = runs.get(comp, 0)
+    for instr in instrs if n else ():
+      moved = transfer(module, instr)
+      if moved is not None:
+        out[moved[0]]["count"] += n
+        out[moved[0]]["bytes"] += n * moved[1]
+  return out
+
+
+def seconds(moved: dict[str, dict[str, int]], bytes_per_s: float) -> float:
+  """Time the transfers take at ``bytes_per_s`` each way (directions overlap)."""
+  return max(moved[d]["bytes"] for d in DIRECTIONS) / bytes_per_s
