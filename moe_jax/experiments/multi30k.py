@@ -113,7 +113,10 @@ def _runner(out: str, dry_run: bool) -> runner_lib.Runner:
   env["MOE_JAX_MULTI30K_VOCAB"] = vocab
   r = runner_lib.Runner(out, env=env, dry_run=dry_run)
   if not os.path.exists(vocab) and not dry_run:
-    r.tool("data.vocab_trainer", [
+    # Without the vocabulary variable: the tasks register with the cached
+    # default vocabulary while the new one is being trained.
+    trainer = runner_lib.Runner(out, env={"MOE_JAX_DATA_DIR": data_dir})
+    trainer.tool("data.vocab_trainer", [
         "--task=multi30k_translate_mix", "--module=tasks.multi30k",
         f"--vocab_size={VOCAB_PIECES}", "--model_type=bpe", f"--output={vocab}"],
            "vocab")

@@ -232,7 +232,7 @@ _STRATEGIES: dict[str, Callable[[], Dispatcher]] = {
 DISPATCH_STRATEGIES = tuple(_STRATEGIES)
 # The default of MoeConfig.dispatch="auto", per platform of the mesh's devices
 # (measured: docs/moe_layer.md, "Dispatch strategies").
-AUTO = {"cpu": "gather", "tpu": "gather", "gpu": "gather"}
+AUTO = {"cpu": "scatter", "tpu": "scatter", "gpu": "scatter"}
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,276 @@
+"""How many more experts fit per chip with host offload (``moe-compile``).
+
+  python -m moe_jax.benchmarks.offload_fit --json          # search, print JSON
+  python -m moe_jax.benchmarks.offload_fit --settings=none,optimizer --json
+
+One fixed topology (v5p-8: 4 chips, ``v5p:2x2x1``), mesh (``data=1,
+expert=4``), batch (32 sequences x 512 target tokens, 8 per chip) and model
+shape: a decoder-only Switch T5-Large (``models/switch_large_128.gin`` with
+``T5Config.decoder_only=True``: d_model 1024, 16 heads x 64, 24 layers,
+every other MLP a top-1 MoE of d_ff 2816, 32128-token vocabulary; float32
+parameters, bfloat16 activations, ``scan_layers=True`` so each compile takes
+minutes), AdamW (the optimizer whose state ZeRO-Offload moves), ZeRO
+sharding on in every setting. For each memory setting (:data:`SETTINGS`) it
+searches the number of experts (multiples of the expert-parallel degree 4)
+for the largest whose train step XLA compiles within the chip's HBM; a
+program that does not fit is XLA's out-of-memory refusal, read by
+:func:`moe_jax.aot.report.from_oom`.
+
+The search (:func:`search`) is a secant search on the per-chip device bytes,
+which grow almost linearly with the number of experts: two compiles, then
+compiles at the predicted crossing until the fitting and the failing counts
+are one step (:data:`STEP`) apart or the per-setting budget of compiles is
+spent. Every compile is recorded; they are kept in ``docs/offload.json``
+and reused by a rerun (``--fresh`` recompiles).
+
+Host memory is not part of the device search: the result says whether the
+host RAM per chip holds the offloaded state (``host_fits``) and, from a line
+through the compiled points' host bytes, the largest count the host RAM would
+hold (``host_limited_experts``, an interpolation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Optional, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+OUT = os.path.join(REPO, "docs", "offload.json")
+TOPOLOGY = "v5p-8"
+STEP = 4            # experts: multiples of the expert-parallel degree
+MAX_COMPILES = 6    # per setting
+GIN_FILES = ("models/switch_large_128.gin", "runs/pretrain.gin")
+FIXED = ("T5Config.decoder_only = True", "TASK_FEATURE_LENGTHS = {'targets': 512}",
+         "MESH_DATA = 1", "MESH_EXPERT = 4", "BATCH_SIZE = 32",
+         "T5Config.scan_layers = True", "ACTIVATION_DTYPE = 'bfloat16'",
+         "make_optimizer.name = 'adamw'", "train.zero_sharding = True")
+SETTINGS = {
+    "none": (),
+    "optimizer": ("OFFLOAD_OPTIMIZER_STATE = True",),
+    "optimizer+params": ("OFFLOAD_OPTIMIZER_STATE = True", "OFFLOAD_PARAMS = True"),
+    "everything": ("OFFLOAD_OPTIMIZER_STATE = True", "OFFLOAD_PARAMS = True",
+                   "REMAT_POLICY = 'offload'"),
+}
+START = {"none": (128, 256), "optimizer": (128, 256), "optimizer+params": (128, 256),
+         "everything": (128, 256)}
+
+
+def bindings(setting: str, num_experts: int) -> list[str]:
+  """The gin bindings of one compile."""
+  return [*FIXED, *SETTINGS[setting], f"NUM_EXPERTS = {num_experts}"]
+
+
+def compile_point(setting: str, num_experts: int) -> dict[str, Any]:
+  """Compiles one (setting, experts) in this process; its record.
+
+  Returns:
+    ``{"setting", "num_experts", "fits", "device_bytes", "host_bytes",
+    "host_offload", "roofline_step_s", "compile_s", "params", "xla_error"}``
+    (``device_bytes`` etc. as in :mod:`moe_jax.aot.report`, per chip).
+  """
+  from moe_jax.aot import step  # pylint: disable=g-import-not-at-top
+  t0 = time.perf_counter()
+  done = step.run(TOPOLOGY, 1, list(GIN_FILES), bindings(setting, num_experts),
+                  title=f"{setting} E={num_experts}")
+  rep = done.report
+  print(done.summary, file=sys.stderr, flush=True)
+  return {"setting": setting, "num_experts": num_experts, "fits": rep["fits"],
+          "device_bytes": rep["device_bytes"], "host_bytes": rep["host_bytes"],
+          "host_offload": rep["host_offload"], "hbm_bytes_per_chip": rep["hbm_bytes_per_chip"],
+          "roofline_step_s": rep["roofline_step_s"], "mfu_bound": rep["mfu_bound"],
+          "collectives": rep["collectives"], "memory_settings": rep["memory_settings"],
+          "params": rep["_detail"]["params"], "xla_error": rep["_detail"].get("xla_error"),
+          "compile_s": rep["compile_s"], "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def _round_down(e: float) -> int:
+  return max(STEP, int(e // STEP) * STEP)
+
+
+def _crossing(a: tuple[int, int], b: tuple[int, int], limit: int) -> float:
+  """Experts where the line through ``(experts, bytes)`` points a, b hits ``limit``."""
+  (e1, t1), (e2, t2) = a, b
+  if e1 == e2 or t1 == t2:
+    return float(max(e1, e2) * 2)
+  return e1 + (limit - t1) * (e2 - e1) / (t2 - t1)
+
+
+def next_count(points: dict[int, dict[str, Any]], limit: int) -> Optional[int]:
+  """The next number of experts to compile, or ``None`` when the search is done.
+
+  Args:
+    points: compiled records by number of experts.
+    limit: HBM bytes per chip.
+  """
+  fit = [e for e, p in points.items() if p["fits"]]
+  over = [e for e, p in points.items() if not p["fits"]]
+  lo, hi = (max(fit) if fit else None), (min(over) if over else None)
+  if lo is not None and hi is not None and hi - lo <= STEP:
+    return None
+  # Extrapolate from the two largest compiled (fitting) programs when there
+  # are two: XLA's out-of-memory error reports temporaries before the
+  # optimizations a finished compile applies, so refused points sit above the
+  # line. Otherwise from the two points nearest the limit.
+  near = sorted(fit)[-2:] if len(fit) >= 2 else sorted(
+      points, key=lambda e: abs(points[e]["device_bytes"]["total"] - limit))[:2]
+  guess = _round_down(_crossing(*[(e, points[e]["device_bytes"]["total"]) for e in near],
+                                limit))
+  if lo is not None:
+    guess = max(guess, lo + STEP)
+  if hi is not None:
+    guess = min(guess, hi - STEP)
+  if guess in points:  # the line points at a count already compiled: step off it
+    guess = guess + STEP if points[guess]["fits"] else guess - STEP
+  return guess if guess not in points and guess >= STEP else None
+
+
+def search(setting: str, compile_fn: Callable[[str, int], dict[str, Any]],
+           cache: dict[tuple[str, int], dict[str, Any]],
+           max_compiles: int = MAX_COMPILES) -> dict[int, dict[str, Any]]:
+  """The compiled points of one setting's search (see the module docstring)."""
+  points: dict[int, dict[str, Any]] = {}
+
+  def get(e: int) -> None:
+    if (setting, e) not in cache:
+      cache[(setting, e)] = compile_fn(setting, e)
+    points[e] = cache[(setting, e)]
+
+  first, second = START[setting]
+  get(first)
+  get(second if points[first]["fits"] else first // 2)
+  limit = points[first]["hbm_bytes_per_chip"]
+  while len(points) < max_compiles:
+    e = next_count(points, limit)
+    if e is None:
+      break
+    get(e)
+  return points
+
+
+def _host_limited(points: dict[int, dict[str, Any]]) -> Optional[int]:
+  """Largest count whose host bytes (a line through the smallest and largest
+  compiled points) fit the host RAM per chip; ``None`` without host memory
+  use or a published RAM size."""
+  # Compiled programs only: a refused one's host bytes omit host temporaries.
+  good = [(e, p["host_offload"]) for e, p in sorted(points.items())
+          if p["host_offload"]["host_total_bytes"]
+          and p["host_offload"]["host_to_device_bytes"] is not None]
+  if len(good) < 2 or not good[0][1]["host_memory_bytes_per_chip"]:
+    return None
+  cap = good[0][1]["host_memory_bytes_per_chip"]
+  (e1, a), (e2, b) = good[0], good[-1]
+  return _round_down(_crossing((e1, a["host_total_bytes"]), (e2, b["host_total_bytes"]), cap))
+
+
+def summarize(setting: str, points: dict[int, dict[str, Any]]) -> dict[str, Any]:
+  """The row of one setting: the largest fitting count and what it costs."""
+  fit = [e for e, p in points.items() if p["fits"]]
+  over = [e for e, p in points.items() if not p["fits"]]
+  if not fit:
+    return {"setting": setting, "num_experts": None,
+            "smallest_not_fitting": min(over) if over else None}
+  best = points[max(fit)]
+  off = best["host_offload"]
+  return {"setting": setting, "num_experts": best["num_experts"],
+          "smallest_not_fitting": min([e for e in over if e > best["num_experts"]],
+                                      default=None),
+          "total_params": best["params"]["total"], "active_params": best["params"]["active"],
+          "device_bytes": best["device_bytes"]["total"],
+          "device_argument_bytes": best["device_bytes"]["argument"],
+          "host_bytes": off["host_total_bytes"], "host_fits": off["host_fits"],
+          "host_memory_bytes_per_chip": off["host_memory_bytes_per_chip"],
+          "host_limited_experts": _host_limited(points),
+          "host_to_device_bytes": off["host_to_device_bytes"],
+          "device_to_host_bytes": off["device_to_host_bytes"],
+          "transfer_s": off["transfer_s"], "roofline_step_s": best["roofline_step_s"],
+          "compiles": len(points)}
+
+
+def _load(path: str) -> dict[tuple[str, int], dict[str, Any]]:
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    data = json.load(f)
+  if data.get("fixed") != list(FIXED):
+    return {}
+  return {(c["setting"], c["num_experts"]): c for c in data["compiles"]}
+
+
+def run(settings: Sequence[str], path: str = OUT, fresh: bool = False) -> dict[str, Any]:
+  """Searches each setting, writing ``path`` after every compile; the JSON."""
+  cache = {} if fresh else _load(path)
+  results: dict[str, Any] = {}
+
+  def write() -> dict[str, Any]:
+    base = results.get("none", {}).get("total_params")
+    for row in results.values():
+      row["params_ratio_to_none"] = (row["total_params"] / base
+                                     if base and row.get("total_params") else None)
+    data = {"topology": TOPOLOGY, "gin_files": list(GIN_FILES), "fixed": list(FIXED),
+            "settings": {k: list(v) for k, v in SETTINGS.items()}, "step": STEP,
+            "results": list(results.values()),
+            "compiles": sorted(cache.values(), key=lambda c: (list(SETTINGS).index(
+                c["setting"]), c["num_experts"]))}
+    with open(path, "w") as f:
+      json.dump(data, f, indent=1)
+    return data
+
+  def compile_and_save(setting: str, e: int) -> dict[str, Any]:
+    record = compile_point(setting, e)
+    cache[(setting, e)] = record
+    write()
+    return record
+
+  for setting in settings:
+    points = search(setting, compile_and_save, cache)
+    results[setting] = summarize(setting, points)
+  return write()
+
+
+def _round(x: Optional[float], digits: int) -> str:
+  return "-" if x is None else str(round(x, digits))
+
+
+def table(data: dict[str, Any]) -> str:
+  """The fit table (markdown) of a :func:`run` result."""
+  gb = lambda n: "-" if n is None else f"{n / 2**30:.1f}"  # noqa: E731
+  rows = ["| setting | experts (fits; first that does not) | total params | x none | "
+          "device GiB/chip (of 95) | host GiB/chip (fits 104.3?) | host-RAM-limited "
+          "experts | host->device GiB/step | transfer s/step | roofline step s |",
+          "|" + "---|" * 10]
+  for r in data["results"]:
+    if r.get("num_experts") is None:
+      rows.append(f"| {r['setting']} | none fits | | | | | | | | |")
+      continue
+    ratio = r.get("params_ratio_to_none")
+    rows.append(
+        f"| {r['setting']} | {r['num_experts']} ({r['smallest_not_fitting']}) | "
+        f"{r['total_params'] / 1e9:.2f} B | {ratio:.2f} | {gb(r['device_bytes'])} | "
+        f"{gb(r['host_bytes'])} ({'yes' if r['host_fits'] else 'no'}) | "
+        f"{r['host_limited_experts'] or '-'} | {gb(r['host_to_device_bytes'])} | "
+        f"{_round(r['transfer_s'], 2)} | {_round(r['roofline_step_s'], 3)} |")
+  return "\n".join(rows)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--json", action="store_true", help="print the JSON")
+  parser.add_argument("--settings", default=",".join(SETTINGS))
+  parser.add_argument("--out", default=OUT)
+  parser.add_argument("--fresh", action="store_true", help="recompile every point")
+  args = parser.parse_args(argv)
+  settings = [s for s in args.settings.split(",") if s]
+  unknown = set(settings) - set(SETTINGS)
+  if unknown:
+    parser.error(f"unknown settings {sorted(unknown)}; choose from {list(SETTINGS)}")
+  data = run(settings, args.out, args.fresh)
+  print(json.dumps(data) if args.json else table(data))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
