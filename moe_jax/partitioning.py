@@ -235,6 +235,20 @@ def params_shardings(mesh: Mesh, abstract_variables: Any,
       to_sharding, specs, is_leaf=lambda x: isinstance(x, P) or x is None)
 
 
+def abstract_params(module: nn.Module, mesh: Mesh, rules: LogicalRules,
+                    *inputs: Any) -> Any:
+  """``module.init(key, *inputs)``'s variables as ``jax.ShapeDtypeStruct``
+  leaves carrying their ``NamedSharding`` (no arrays are made): what lowering
+  for a mesh of compile-only devices needs, where no eager op can run."""
+  key = jax.random.key(1)  # eager, so outside the mesh (compile-only devices cannot run it)
+  with with_sharding(mesh, rules):
+    boxed = jax.eval_shape(module.init, key, *inputs)
+  shardings = params_shardings(mesh, boxed, rules)
+  return jax.tree_util.tree_map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+      nn.unbox(boxed), shardings)
+
+
 def with_sharding(mesh: Mesh, rules: LogicalRules):
   """Context manager: the mesh *and* logical rules active together."""
   stack = contextlib.ExitStack()

@@ -25,3 +25,22 @@ def shared_data_dir():
   if not os.path.isdir(path):
     pytest.skip(f"Multi30k data not found at {path}")
   return os.path.abspath(path)
+
+
+@pytest.fixture
+def compilation_cache(tmp_path):
+  """A persistent XLA compilation cache for one test: a test whose runs build
+  identical train steps as new closures (stop, resume, resume) reuses the
+  first run's executables instead of recompiling on the CPU."""
+  from jax.experimental.compilation_cache import compilation_cache as cc  # pylint: disable=g-import-not-at-top
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  saved = {n: getattr(jax.config, n) for n in names}
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  cc.reset_cache()
+  yield
+  for name, value in saved.items():
+    jax.config.update(name, value)
+  cc.reset_cache()

@@ -82,27 +82,6 @@ def _setup(variant="plain"):
   return train_state.StateLayout.create(model, tx, partitioner, shapes)
 
 
-@pytest.fixture
-def compilation_cache(tmp_path):
-  """A persistent compilation cache for this test only.
-
-  The three runs build identical train steps as new closures; the cache lets
-  the second and third reuse the first's executables (CPU compile time of
-  the MoE train step dominates this test otherwise).
-  """
-  from jax.experimental.compilation_cache import compilation_cache as cc  # pylint: disable=g-import-not-at-top
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  saved = {n: getattr(jax.config, n) for n in names}
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  cc.reset_cache()
-  yield
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  cc.reset_cache()
-
 
 def _run(model_dir, data, variant="plain"):
   cfg = loop.LoopConfig(train_steps=20, log_period=1000, checkpoint_period=4,

@@ -190,12 +190,7 @@ def test_tpu_compile_of_the_ragged_form_has_ragged_all_to_all():
   rules = partitioning.standard_logical_rules()
   layer = make(dropless=True, dropless_exchange="auto", num_experts=8)
   x = jax.ShapeDtypeStruct((8, 16, D), jnp.float32)
-  key = jax.random.key(1)  # eager ops outside the TPU mesh: it cannot run them
-  with partitioning.with_sharding(mesh, rules):
-    boxed = jax.eval_shape(layer.init, key, x)
-  shardings = partitioning.params_shardings(mesh, boxed, rules)
-  params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        nn.unbox(boxed), shardings)
+  params = partitioning.abstract_params(layer, mesh, rules, x)
   xs = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
       mesh, P(("data", "fsdp", "expert"))))
   with partitioning.with_sharding(mesh, rules):

@@ -216,6 +216,7 @@ def test_two_processes_train_like_one(first_run):
   assert os.path.isdir(model_dir) and "Resumed" not in out
 
 
+@pytest.mark.slow  # end-to-end; pytest -m slow
 def test_restarted_job_resumes_from_its_checkpoint(first_run):
   model_dir, _, _, reference = first_run
   losses, out = _finish(_start_launcher(model_dir, 5))   # restart, longer run

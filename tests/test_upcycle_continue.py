@@ -12,6 +12,7 @@ keep falling.
 import os
 
 import numpy as np
+import pytest
 
 from moe_jax import train, upcycle
 from moe_jax.models import config as model_config_lib
@@ -29,6 +30,7 @@ def _train_ce(model_dir):
   return dict(sorted(curve.items()))
 
 
+@pytest.mark.slow  # end-to-end; pytest -m slow
 def test_training_continues_from_upcycled_checkpoint(tmp_path, capsys):
   dense_dir = str(tmp_path / "dense")
   assert train.main(COMMON + DENSE + [f"--gin.MODEL_DIR={dense_dir}",

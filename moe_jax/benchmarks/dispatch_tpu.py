@@ -43,7 +43,6 @@ def _parse(argv):
 
 def compile_strategy(name: str, args) -> dict:
   """Compiles the layer's fwd+bwd with dispatch ``name``; its cost figures."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
@@ -61,12 +60,7 @@ def compile_strategy(name: str, args) -> dict:
       group_size=args.group_size, capacity_factor_train=args.capacity_factor,
       dispatch=name), dtype=jnp.bfloat16)
   x = jax.ShapeDtypeStruct((args.tokens // args.seq, args.seq, args.d_model), jnp.bfloat16)
-  key = jax.random.key(1)
-  with partitioning.with_sharding(mesh, rules):
-    boxed = jax.eval_shape(layer.init, key, x)
-  shardings = partitioning.params_shardings(mesh, boxed, rules)
-  params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        nn.unbox(boxed), shardings)
+  params = partitioning.abstract_params(layer, mesh, rules, x)
   xs = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
       mesh, P(partitioning.BATCH_MESH_AXES)))
 
