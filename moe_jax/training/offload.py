@@ -5,9 +5,11 @@ Two switches (gin macros ``OFFLOAD_OPTIMIZER_STATE`` and ``OFFLOAD_PARAMS``,
 kind ``pinned_host``) between steps:
 
 * **optimizer state**: the optax state's arrays rest on the host; the train
-  step streams them to the device for the update and back (XLA overlaps
-  the per-leaf copies with the update, so HBM holds a few leaves at a time,
-  not the whole state). Scalars (step counts) stay on the device.
+  step streams them to the device for the update and back, leaf by leaf
+  (XLA overlaps the copies with the update). A leaf is copied whole: with
+  ``scan_layers=True`` one leaf is a whole layer stack, so its device copies
+  and new values occupy HBM temporaries during the update (measured in
+  docs/offload.md). Scalars (step counts) stay on the device.
 * **parameters**: the float32 master parameters rest on the host. Layers of
   a ``LayerStack`` fetch their own parameters when they run
   (:mod:`moe_jax.models.host_offload`: per scanned block with
