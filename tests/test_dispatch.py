@@ -13,10 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 from np_reference import gelu_tanh as np_gelu, softmax as np_softmax
+from sharded_step import compile_on_mesh
 
-from moe_jax import partitioning
 from moe_jax.layers import dispatch as dispatch_lib
 from moe_jax.layers import moe_config
 from moe_jax.layers.moe import MoeConfig, MoeLayer
@@ -122,18 +121,12 @@ def test_sharded_equals_unsharded_with_the_same_all_to_alls(dispatch):
 def _sharded_step_hlo(dispatch):
   layer = make(dispatch, group_size=8)
   x, mask = inputs(b=8)
-  params = nn.unbox(layer.init(jax.random.key(1), x, mask))
-  ref_loss, ref_grads = jax.value_and_grad(_loss(layer, mask), argnums=(0, 1))(params, x)
-  mesh = partitioning.make_mesh({"data": 2, "expert": 4})
-  rules = partitioning.standard_logical_rules()
   boxed = layer.init(jax.random.key(1), x, mask)
-  with partitioning.with_sharding(mesh, rules):
-    shardings = partitioning.params_shardings(mesh, boxed, rules)
-    xs = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp", "expert"))))
-    ps = jax.device_put(params, shardings)
-    compiled = jax.jit(jax.value_and_grad(_loss(layer, mask), argnums=(0, 1))).lower(
-        ps, xs).compile()
-    loss, grads = compiled(ps, xs)
+  params = nn.unbox(boxed)
+  step = jax.value_and_grad(_loss(layer, mask), argnums=(0, 1))
+  ref_loss, ref_grads = step(params, x)
+  compiled, ps, xs = compile_on_mesh(step, boxed, params, x, {"data": 2, "expert": 4})
+  loss, grads = compiled(ps, xs)
   assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

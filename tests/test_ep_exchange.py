@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from sharded_step import compile_on_mesh
 from moe_jax import partitioning
 from moe_jax.layers import ep_exchange
 from moe_jax.layers.moe import MoeConfig, MoeLayer
@@ -124,16 +125,10 @@ def _loss(layer, mask):
 
 
 def _sharded(layer, params, x, mask, spec):
-  mesh = partitioning.make_mesh(spec)
-  rules = partitioning.standard_logical_rules()
-  boxed = layer.init(jax.random.key(1), x, mask)
-  with partitioning.with_sharding(mesh, rules):
-    shardings = partitioning.params_shardings(mesh, boxed, rules)
-    xs = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp", "expert"))))
-    ps = jax.device_put(params, shardings)
-    step = jax.jit(jax.value_and_grad(_loss(layer, mask), argnums=(0, 1), has_aux=True))
-    compiled = step.lower(ps, xs).compile()
-    return compiled(ps, xs), compiled.as_text()
+  step = jax.value_and_grad(_loss(layer, mask), argnums=(0, 1), has_aux=True)
+  compiled, ps, xs = compile_on_mesh(step, layer.init(jax.random.key(1), x, mask),
+                                     params, x, spec)
+  return compiled(ps, xs), compiled.as_text()
 
 
 MESHES = [dict(data=1, expert=8), dict(data=2, expert=4), dict(data=4, expert=2)]

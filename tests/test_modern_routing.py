@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 from np_reference import gelu_tanh as np_gelu, softmax as np_softmax
+from sharded_step import compile_on_mesh
 
 from moe_jax import partitioning
 from moe_jax.layers import routing, selection
@@ -199,18 +199,12 @@ def test_sharded_equals_unsharded(variant, spec):
     kw["routing_groups"] = spec["expert"] if variant == "device_limited" else 4
   layer = make(**kw)
   x = jax.random.normal(jax.random.key(0), (8, 8, D))
-  params = nn.unbox(layer.init(jax.random.key(1), x))
-  ref_loss, ref_grads = jax.value_and_grad(_loss(layer), argnums=(0, 1))(params, x)
-  mesh = partitioning.make_mesh(spec)
-  rules = partitioning.standard_logical_rules()
   boxed = layer.init(jax.random.key(1), x)
-  with partitioning.with_sharding(mesh, rules):
-    shardings = partitioning.params_shardings(mesh, boxed, rules)
-    xs = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp", "expert"))))
-    ps = jax.device_put(params, shardings)
-    compiled = jax.jit(jax.value_and_grad(_loss(layer), argnums=(0, 1))).lower(
-        ps, xs).compile()
-    loss, grads = compiled(ps, xs)
+  params = nn.unbox(boxed)
+  step = jax.value_and_grad(_loss(layer), argnums=(0, 1))
+  ref_loss, ref_grads = step(params, x)
+  compiled, ps, xs = compile_on_mesh(step, boxed, params, x, spec)
+  loss, grads = compiled(ps, xs)
   assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5, abs=1e-4)
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
