@@ -43,11 +43,23 @@ def run(gin_files: Sequence[str], bindings: Sequence[str] = (),
       split=gin_setup.macro("EVAL_SPLIT", "validation"), shard_index=0, num_shards=1,
       max_examples=gin_setup.macro("EVAL_MAX_EXAMPLES", None))
   spec = gin_setup.decode_spec()
+  log_fn(f"moe-eval: {checkpoint} on the {gin_setup.macro('EVAL_SPLIT', 'validation')} "
+         f"split of {name}; {describe_decode(spec)}")
   result = evaluator.evaluate(model, params, evals, partitioner, spec,
                               collect_routing=gin_setup.macro("COLLECT_ROUTING_STATS", True))
   evaluator.write_results(output_dir, result, step=gin_setup.checkpoint_step(checkpoint))
   log_fn(json.dumps(result.metrics, indent=1, sort_keys=True))
   return result.metrics
+
+
+def describe_decode(spec) -> str:
+  """One line naming the decoding, e.g. ``beam search (beam 4, alpha 0.6), max length 64``."""
+  length = f"max length {spec.max_decode_length or 'of the targets feature'}"
+  if spec.method == "beam":
+    return f"beam search (beam {spec.beam_size}, alpha {spec.alpha}), {length}"
+  if spec.method == "sample":
+    return f"sampling (temperature {spec.temperature}, top-k {spec.top_k}), {length}"
+  return f"greedy decoding, {length}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

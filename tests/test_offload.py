@@ -87,7 +87,11 @@ def reference():
     ("adafactor", offload.OffloadConfig(optimizer_state=True), "none"),
     ("adamw", offload.OffloadConfig(params=True), "none"),
     ("adamw", EVERYTHING, "offload"),
-], ids=["optimizer_state-adafactor", "params-adamw", "everything-adamw"])
+    ("adamw", offload.OffloadConfig(optimizer_state=True, update_on_host=True), "none"),
+    ("adamw", offload.OffloadConfig(optimizer_state=True, params=True,
+                                    update_on_host=True), "none"),
+], ids=["optimizer_state-adafactor", "params-adamw", "everything-adamw",
+        "host_update-adamw", "host_update_params-adamw"])
 def test_offloaded_training_equals_non_offloaded(reference, opt, config, remat):
   layout = _layout(config, remat, opt)
   losses, state = _train(layout)
@@ -110,6 +114,34 @@ def test_offloaded_training_equals_non_offloaded(reference, opt, config, remat):
     scalars = [x for x in jax.tree_util.tree_leaves(state.opt_state) if not x.ndim]
     assert _memory_kinds(arrays) == {"pinned_host"}
     assert _memory_kinds(scalars) <= {"device"}   # step counts stay on device
+
+
+def test_a_host_update_needs_the_optimizer_state_on_the_host():
+  with pytest.raises(ValueError, match="set OFFLOAD_OPTIMIZER_STATE=True too"):
+    offload.OffloadConfig(update_on_host=True)
+
+
+def test_an_optimizer_that_cannot_update_on_the_host_is_named_with_the_fix():
+  layout = _layout(offload.OffloadConfig(optimizer_state=True, update_on_host=True),
+                   opt="adafactor")
+  step = train_step.jitted_train_step(layout, train_step.LossConfig())
+  with layout.partitioner.activate(), pytest.raises(
+      ValueError, match="make_optimizer.name=.*adamw.*OPTIMIZER_UPDATE_ON_HOST=False"):
+    step.lower(layout.init(seed=1), layout.partitioner.global_batch(_batch(0)))
+
+
+def test_the_host_update_is_a_host_computation_in_the_program():
+  """The update ops carry XLA's host compute type; the device update has none
+  (what that saves in HBM is measured on TPU: tests/test_offload_tpu.py)."""
+  hlo = {}
+  for on_host in (True, False):
+    layout = _layout(offload.OffloadConfig(optimizer_state=True, update_on_host=on_host))
+    step = train_step.jitted_train_step(layout, train_step.LossConfig())
+    with layout.partitioner.activate():
+      hlo[on_host] = step.lower(layout.init(seed=1),
+                                layout.partitioner.global_batch(_batch(0))).as_text()
+  assert hlo[True].count('_xla_compute_type = "host"') > 0
+  assert hlo[False].count('_xla_compute_type = "host"') == 0
 
 
 def test_layers_fetch_their_own_params_and_the_rest_moves_up_front():
@@ -234,6 +266,6 @@ def test_start_up_line_names_the_switches(monkeypatch):
   monkeypatch.setattr(experiment.loop, "train", lambda *a, **k: None)
   lines = []
   exp.run(log_fn=lines.append)
-  assert ("OFFLOAD_OPTIMIZER_STATE=True OFFLOAD_PARAMS=False remat_policy=none "
-          "zero_sharding=False") in lines[0]
+  assert ("OFFLOAD_OPTIMIZER_STATE=True OFFLOAD_PARAMS=False OPTIMIZER_UPDATE_ON_HOST=False "
+          "remat_policy=none zero_sharding=False") in lines[0]
   assert exp.layout.offload == offload.OffloadConfig(optimizer_state=True)

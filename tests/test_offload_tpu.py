@@ -34,6 +34,7 @@ VARIANTS = {
     "optimizer_state": ["OFFLOAD_OPTIMIZER_STATE = True"],
     "params": ["OFFLOAD_PARAMS = True"],
     "zero": ["train.zero_sharding = True"],
+    "host_update": ["OFFLOAD_OPTIMIZER_STATE = True", "OPTIMIZER_UPDATE_ON_HOST = True"],
 }
 
 
@@ -151,3 +152,26 @@ def test_zero_sharding_shrinks_dense_state_and_adds_all_gathers(compiled):
   # The price: the sharded weights are gathered before use.
   gathers, plain_gathers = zero["collectives"]["all-gather"], plain["collectives"]["all-gather"]
   assert gathers["count"] > plain_gathers["count"] and gathers["bytes"] > plain_gathers["bytes"]
+
+
+def test_the_host_update_keeps_the_optimizer_state_off_the_device(compiled):
+  """OPTIMIZER_UPDATE_ON_HOST: the state rests where OFFLOAD_OPTIMIZER_STATE
+  puts it, but it no longer crosses the host link (the device update streams
+  all of it up and back each step): the host program reads the gradients
+  and parameters from HBM and writes the new parameters back, and the
+  device temporaries shrink."""
+  _, layout = compiled["plain"]
+  streamed, _ = compiled["optimizer_state"]
+  host, _ = compiled["host_update"]
+  opt_bytes = tree_bytes(layout.abstract.opt_state, layout.shardings.opt_state, _arrays)
+  param_bytes = tree_bytes(layout.abstract.params, layout.shardings.params)
+  assert opt_bytes == 2 * param_bytes   # AdamW: mu and nu
+  assert host["host_bytes"]["argument"] == streamed["host_bytes"]["argument"] == opt_bytes
+  assert host["device_bytes"]["argument"] == streamed["device_bytes"]["argument"]
+  assert streamed["host_offload"]["host_to_device_bytes"] >= opt_bytes
+  moved = host["host_offload"]
+  # Scalars (step count, norms) add a few bytes.
+  assert moved["host_to_device_bytes"] == pytest.approx(param_bytes, abs=256)
+  assert moved["device_to_host_bytes"] == pytest.approx(2 * param_bytes, abs=256)
+  assert host["device_bytes"]["temp"] < streamed["device_bytes"]["temp"]
+  assert host["memory_settings"]["OPTIMIZER_UPDATE_ON_HOST"]

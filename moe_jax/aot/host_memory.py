@@ -8,7 +8,11 @@ counts, per step and per chip, the copies between device and host memory:
   and ``copy`` whose destination and source sit in different spaces;
 * ``dynamic-slice`` reading a slice of a host buffer into device memory and
   ``dynamic-update-slice`` writing a device slice into a host buffer (one
-  slice per loop iteration, e.g. offloaded activations of scanned layers).
+  slice per loop iteration, e.g. offloaded activations of scanned layers);
+* a host program (``compute_on("device_host")``: an async call on the
+  ``host`` execution thread): its operands in device memory are read over the
+  link (device to host), its results in device memory are written over it
+  (host to device, counted at the matching ``call-done``).
 
 An instruction inside a while loop counts once per iteration (trip counts
 as in :mod:`moe_jax.aot.hlo`). Bytes are the per-chip buffer moved.
@@ -41,9 +45,29 @@ def _operand_shape(module: hlo.Module, instr: hlo.Instruction,
   return None
 
 
+def _device_bytes(shapes: list[str]) -> int:
+  return sum(hlo.shape_bytes(x) for x in shapes if x and not _on_host(x))
+
+
+def _is_host_call(instr: Optional[hlo.Instruction]) -> bool:
+  return (instr is not None and instr.opcode.endswith("call-start")
+          and ('async_execution_thread="host"' in instr.attrs
+               or "DEVICE_TYPE_HOST" in instr.attrs))
+
+
 def transfer(module: hlo.Module, instr: hlo.Instruction) -> Optional[tuple[str, int]]:
   """``(direction, bytes)`` when ``instr`` copies between device and host memory."""
   op = instr.opcode
+  if _is_host_call(instr):   # the host program reads its device operands
+    n = len(instr.operands)
+    moved = _device_bytes([_operand_shape(module, instr, i) for i in range(n)])
+    return ("device_to_host", moved) if moved else None
+  if op.endswith("call-done") and instr.operands and _is_host_call(
+      module.by_name.get(instr.operands[0])):   # ... and writes its device results
+    shape = instr.shape.strip()
+    parts = hlo._split_top_level(shape[1:-1]) if shape.startswith("(") else [shape]  # pylint: disable=protected-access
+    moved = _device_bytes(parts)
+    return ("host_to_device", moved) if moved else None
   if op == "copy-start":
     parts = hlo._split_top_level(instr.shape.strip()[1:-1])  # pylint: disable=protected-access
     if len(parts) < 2:

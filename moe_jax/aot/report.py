@@ -245,6 +245,9 @@ def advice(report: Mapping[str, Any]) -> list[str]:
   if offload:
     tips.append("host offload: " + " and ".join(offload) + " keep the optimizer state / "
                 "float32 parameters in host memory between steps (docs/offload.md)")
+  if settings.get("OFFLOAD_OPTIMIZER_STATE") and not settings.get("OPTIMIZER_UPDATE_ON_HOST"):
+    tips.append("--gin.OPTIMIZER_UPDATE_ON_HOST=True runs the optimizer update on the "
+                "host CPU, so the offloaded state never has a copy in HBM")
   if settings.get("remat_policy") != "offload":
     tips.append("--gin.REMAT_POLICY=\"'offload'\" moves the MoE dispatch/combine and "
                 "attention outputs to host memory instead of keeping them in HBM")

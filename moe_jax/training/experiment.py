@@ -229,6 +229,7 @@ def build_experiment(
     zero_sharding: bool = False,
     offload_optimizer_state: bool = False,
     offload_params: bool = False,
+    optimizer_update_on_host: bool = False,
     num_microbatches: int = 1,
     log_period: int = 100,
     seed: int = 0,
@@ -261,7 +262,9 @@ def build_experiment(
   (:func:`moe_jax.partitioning.standard_logical_rules`);
   ``offload_optimizer_state`` / ``offload_params`` (gin macros
   ``OFFLOAD_OPTIMIZER_STATE`` / ``OFFLOAD_PARAMS``) keep those trees in host
-  memory between steps (:mod:`moe_jax.training.offload`).
+  memory between steps (:mod:`moe_jax.training.offload`);
+  ``optimizer_update_on_host`` (``OPTIMIZER_UPDATE_ON_HOST``) runs the
+  update of the offloaded optimizer state on the host CPU.
 
   Raises:
     ConfigError: mesh sizes that do not match the devices, a batch that does
@@ -286,9 +289,10 @@ def build_experiment(
         f"data*fsdp*expert = {shards} devices, which does not divide it; set "
         "--gin.train.zero_sharding=False (or MESH_FSDP for FSDP over fewer devices), "
         "or change the mesh.")
-  offload = offload_lib.OffloadConfig(optimizer_state=bool(offload_optimizer_state),
-                                      params=bool(offload_params))
   try:
+    offload = offload_lib.OffloadConfig(optimizer_state=bool(offload_optimizer_state),
+                                        params=bool(offload_params),
+                                        update_on_host=bool(optimizer_update_on_host))
     offload_lib.check_supported(offload, list(partitioner.mesh.devices.flat),
                                 model_config.remat_policy)
   except ValueError as e:

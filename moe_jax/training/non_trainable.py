@@ -78,6 +78,11 @@ def sown_updates(intermediates: Any) -> dict[str, jax.Array]:
   return out
 
 
+def is_update(metric_name: str) -> bool:
+  """Whether a metric is a sown step of a non-trainable parameter."""
+  return metric_name.startswith(UPDATE_PREFIX)
+
+
 def apply_updates(params: Any, metrics: dict[str, jax.Array]) -> tuple[Any, dict]:
   """``(params moved by the sown steps, metrics without them)``.
 

@@ -24,6 +24,16 @@ The state's *values* do not depend on where they live: checkpoints store
 values, and a restore places them by the current run's shardings, so a run
 saved with offload restores without it and vice versa.
 
+A third switch, ``OPTIMIZER_UPDATE_ON_HOST`` (with the optimizer state
+offloaded), runs the optimizer update itself on the host CPU
+(``jax.experimental.compute_on("device_host")``), as DeepSpeed's
+ZeRO-Offload runs CPU-Adam: the gradients go to host memory, the update
+reads and writes the host-resident state in place, and only the new
+parameters come back (if they rest on the device). The accelerator then
+holds no copy of the optimizer state at any point of the step, at the cost
+of host compute (elementwise, a few FLOPs per parameter) and the gradient
+transfer.
+
 Activation offload is a remat policy (``T5Config.remat_policy="offload"``).
 """
 
@@ -33,6 +43,7 @@ import dataclasses
 from typing import Any, Sequence
 
 import jax
+from jax.experimental import compute_on
 from jax.sharding import NamedSharding
 
 from moe_jax.models import host_offload
@@ -48,23 +59,36 @@ class OffloadConfig:
   Attributes:
     optimizer_state: the optax state (``OFFLOAD_OPTIMIZER_STATE``).
     params: the parameters (``OFFLOAD_PARAMS``).
+    update_on_host: run the optimizer update on the host CPU
+      (``OPTIMIZER_UPDATE_ON_HOST``; needs ``optimizer_state``).
   """
   optimizer_state: bool = False
   params: bool = False
+  update_on_host: bool = False
+
+  def __post_init__(self):
+    if self.update_on_host and not self.optimizer_state:
+      raise ValueError(
+          "OPTIMIZER_UPDATE_ON_HOST=True updates the optimizer state where it rests, "
+          "in host memory; set OFFLOAD_OPTIMIZER_STATE=True too (or turn it off).")
 
   @property
   def any(self) -> bool:
     return self.optimizer_state or self.params
 
   def as_dict(self) -> dict[str, bool]:
-    """``{"OFFLOAD_OPTIMIZER_STATE": ..., "OFFLOAD_PARAMS": ...}`` (the macros)."""
+    """``{"OFFLOAD_OPTIMIZER_STATE": ..., "OFFLOAD_PARAMS": ...,
+    "OPTIMIZER_UPDATE_ON_HOST": ...}`` (the macros)."""
     return {"OFFLOAD_OPTIMIZER_STATE": bool(self.optimizer_state),
-            "OFFLOAD_PARAMS": bool(self.params)}
+            "OFFLOAD_PARAMS": bool(self.params),
+            "OPTIMIZER_UPDATE_ON_HOST": bool(self.update_on_host)}
 
   def describe(self) -> str:
     """``"optimizer state, params"``-style list of what is offloaded, or ``"none"``."""
     parts = [name for name, on in (("optimizer state", self.optimizer_state),
-                                   ("params", self.params)) if on]
+                                   ("params", self.params),
+                                   ("optimizer update on the host", self.update_on_host))
+             if on]
     return ", ".join(parts) or "none"
 
 
@@ -125,6 +149,40 @@ def like(new: Any, old: Any) -> Any:
   return jax.tree_util.tree_map(
       lambda n, o: jax.device_put(n, jax.memory.Space.Host) if host_offload.on_host(o)
       else n, new, old)
+
+
+def place_like(new: Any, old: Any) -> Any:
+  """Inside a jitted step: each leaf of ``new`` moved to the memory space of
+  the matching leaf of ``old`` (host or device) where it is not there yet."""
+  def place(n, o):
+    if host_offload.on_host(n) == host_offload.on_host(o):
+      return n
+    return jax.device_put(n, jax.memory.Space.Host if host_offload.on_host(o)
+                          else jax.memory.Space.Device)
+  return jax.tree_util.tree_map(place, new, old)
+
+
+def on_host_cpu(fn, *trees):
+  """Inside a jitted step: ``fn(*trees)`` computed by the host CPU.
+
+  Every leaf of ``trees`` is moved to host memory first (leaves already
+  there are not copied); ``fn``'s outputs are in host memory.
+  """
+  to_host = lambda x: x if host_offload.on_host(x) else jax.device_put(
+      x, jax.memory.Space.Host)
+  trees = jax.tree_util.tree_map(to_host, trees)
+  try:
+    with compute_on.compute_on("device_host"):
+      return jax.jit(fn)(*trees)
+  except ValueError as e:
+    if "memory_space" not in str(e):
+      raise
+    raise ValueError(
+        "OPTIMIZER_UPDATE_ON_HOST=True: this optimizer's update makes device "
+        "constants (e.g. jnp.where/zeros) that JAX cannot mix with host-memory "
+        f"arrays ({str(e).splitlines()[0]}). AdamW/Adam/SGD updates run on the host; "
+        "use --gin.make_optimizer.name=\"'adamw'\" or --gin.OPTIMIZER_UPDATE_ON_HOST=False."
+    ) from e
 
 
 def _names(path) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ into the token loss (Mixture-of-Students; see that module).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
@@ -226,12 +227,24 @@ def loss_and_grads(model: nn.Module, params: Any, batch: Batch, cfg: LossConfig,
   return grads, metrics
 
 
+def _global_norm(tree) -> jax.Array:
+  """``optax.global_norm`` from dot products only: no constants, so it also
+  traces on host-memory operands (optax's norm adds the zero imaginary
+  part, a device constant)."""
+  leaves = [x.reshape(-1).astype(jnp.float32) for x in jax.tree_util.tree_leaves(tree)]
+  total = functools.reduce(lambda a, b: a + b, (jnp.vdot(x, x) for x in leaves))
+  return jnp.sqrt(total)
+
+
 def make_train_step(model: nn.Module, cfg: LossConfig,
                     schedule: Optional[optax.Schedule] = None,
                     num_microbatches: int = 1, mesh: Optional[Mesh] = None,
-                    distillation: Optional[tuple[nn.Module, "distillation_lib.DistillationConfig"]] = None
-                    ) -> Callable[..., tuple]:
+                    distillation: Optional[tuple[nn.Module, "distillation_lib.DistillationConfig"]] = None,
+                    update_on_host: bool = False) -> Callable[..., tuple]:
   """``train_step(state, batch) -> (new_state, metrics)`` (not yet jitted).
+
+  ``update_on_host``: run the optimizer update on the host CPU, where the
+  offloaded optimizer state rests (:func:`moe_jax.training.offload.on_host_cpu`).
 
   With ``distillation=(teacher_model, DistillationConfig)`` the step is
   ``train_step(state, batch, teacher_params)`` and adds the Mixture-of-Students
@@ -245,19 +258,28 @@ def make_train_step(model: nn.Module, cfg: LossConfig,
       grads, metrics = loss_and_grads(model, offload_lib.params_for_model(state.params),
                                       batch, cfg, rng, num_microbatches, mesh,
                                       teacher=teacher)
-    # Host offload: the update runs on the device; host leaves stream in here
-    # and back at the end (no-ops for a state that rests on the device).
-    state = state.replace(params=offload_lib.to_device(state.params),
-                          opt_state=offload_lib.to_device(state.opt_state))
     grads = offload_lib.to_device(grads)
     grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
     metrics["grad_norm"] = optax.global_norm(grads)
     if schedule is not None:
       metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
-    new_state = state.apply_gradients(grads)
-    params, metrics = non_trainable.apply_updates(new_state.params, metrics)
-    new_state = new_state.replace(params=params)
-    metrics["param_norm"] = optax.global_norm(new_state.params)
+    moves = {k: metrics.pop(k) for k in list(metrics) if non_trainable.is_update(k)}
+
+    def update(state, grads, moves):
+      new_state = state.apply_gradients(grads)
+      params, _ = non_trainable.apply_updates(new_state.params, moves)
+      return new_state.replace(params=params), _global_norm(params)
+
+    if update_on_host:
+      # The update runs on the host CPU, on the host-resident state (OPTIMIZER_UPDATE_ON_HOST).
+      new_state, metrics["param_norm"] = offload_lib.on_host_cpu(update, state, grads, moves)
+      metrics["param_norm"] = jax.device_put(metrics["param_norm"], jax.memory.Space.Device)
+      return offload_lib.place_like(new_state, rested), metrics
+    # Otherwise on the device; host leaves stream in here and back at the
+    # end (no-ops for a state that rests on the device).
+    state = state.replace(params=offload_lib.to_device(state.params),
+                          opt_state=offload_lib.to_device(state.opt_state))
+    new_state, metrics["param_norm"] = update(state, grads, moves)
     return offload_lib.like(new_state, rested), metrics
 
   if distillation is None:
@@ -316,7 +338,7 @@ def jitted_train_step(layout: train_state_lib.StateLayout, cfg: LossConfig,
   """
   distill = None if teacher is None else (teacher.model, teacher.config)
   fn = make_train_step(layout.model, cfg, schedule, num_microbatches, layout.mesh,
-                       distillation=distill)
+                       distillation=distill, update_on_host=layout.offload.update_on_host)
   return jit_train_step(fn, layout.shardings, layout.batch_sharding,
                         None if teacher is None else teacher.shardings)
 

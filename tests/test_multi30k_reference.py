@@ -1,0 +1,148 @@
+"""The Multi30k reference recipe (moe_jax/experiments/multi30k_reference.py).
+
+CI cannot run the 90-minute trainings; these tests check the pieces: the
+checkpoint choice, the reference alignment, sacreBLEU against a BLEU worked
+out independently, the results page, and the whole command with a few steps
+on a slice of the data (both gin files parse, init, train, beam-decode and
+write their records).
+"""
+
+import collections
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from moe_jax.experiments import multi30k_reference as ref
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_vocab_size_pads_pieces_and_extra_ids_to_128():
+  assert ref.vocab_size_for(6000) == 6144
+  assert ref.vocab_size_for(8000) == 8192
+  assert ref.vocab_size_for(500) == 640
+
+
+def _write_decode(model_dir, step, bleu):
+  d = model_dir / "eval_decode" / str(step)
+  d.mkdir(parents=True)
+  (d / "metrics.json").write_text(json.dumps(
+      {"multi30k_translate_en_de": {"bleu": bleu, "chrf": 50.0}}))
+
+
+def test_best_step_is_the_saved_one_with_the_best_validation_bleu(tmp_path):
+  for step, bleu in ((500, 30.0), (1000, 34.5), (1500, 34.0), (2000, 33.0)):
+    _write_decode(tmp_path, step, bleu)
+  for step in (1500, 2000):
+    (tmp_path / str(step)).mkdir()
+  (tmp_path / "1000.orbax-checkpoint-tmp-1").mkdir()  # half written: not a step
+  by_step = ref.validation_bleu(str(tmp_path))
+  assert by_step == {500: 30.0, 1000: 34.5, 1500: 34.0, 2000: 33.0}
+  assert ref.saved_steps(str(tmp_path)) == [1500, 2000]
+  assert ref.best_step(by_step, ref.saved_steps(str(tmp_path))) == 1500
+  assert ref.best_step({1: 5.0, 2: 5.0}, [1, 2]) == 2  # ties: the later step
+  with pytest.raises(RuntimeError, match="EVAL_PERIOD equal to CHECKPOINT_PERIOD"):
+    ref.best_step({500: 1.0}, [400])
+
+
+def test_references_must_follow_the_source_file_order():
+  sources = ["A dog runs.", "Two men talk."]
+  refs = ["Ein Hund rennt.", "Zwei Männer reden."]
+  records = [{"input": "translate English to German: A dog runs.", "prediction": "x"},
+             {"input": "translate English to German: Two men talk.", "prediction": "y"}]
+  assert ref.references_for(records, sources, refs) == refs
+  with pytest.raises(ValueError, match="not in file order"):
+    ref.references_for(records[::-1], sources, refs)
+
+
+def _hand_bleu(hyps, refs):
+  """Corpus BLEU-4 (Papineni et al.) on whitespace tokens, no smoothing."""
+  matches, totals = [0] * 4, [0] * 4
+  hyp_len = ref_len = 0
+  for h, r in zip(hyps, refs):
+    h, r = h.split(), r.split()
+    hyp_len, ref_len = hyp_len + len(h), ref_len + len(r)
+    for n in range(1, 5):
+      hc = collections.Counter(tuple(h[i:i + n]) for i in range(len(h) - n + 1))
+      rc = collections.Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
+      matches[n - 1] += sum(min(c, rc[g]) for g, c in hc.items())
+      totals[n - 1] += max(len(h) - n + 1, 0)
+  log_p = sum(math.log(m / t) for m, t in zip(matches, totals)) / 4
+  bp = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
+  return 100 * bp * math.exp(log_p)
+
+
+def test_sacrebleu_scores_match_a_hand_computed_bleu_and_carry_signatures():
+  # Lowercase words without punctuation: 13a tokenization is a whitespace split.
+  hyps = ["the cat sat on the mat today", "a man is riding a red bike down the road"]
+  refs = ["the cat sat on a mat today", "a man is riding a bike down the road"]
+  scores = ref.sacrebleu_scores(hyps, refs)
+  assert scores["bleu"] == pytest.approx(_hand_bleu(hyps, refs), abs=0.01)
+  assert scores["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp")
+  assert "case:lc" in scores["bleu_lowercase_signature"]
+  upper = ref.sacrebleu_scores([h.upper() for h in hyps], refs)
+  assert upper["bleu"] < 1.0  # cased: nothing matches
+  assert upper["bleu_lowercase"] == pytest.approx(scores["bleu"], abs=0.01)
+
+
+def test_write_section_replaces_only_the_recipe_section(tmp_path):
+  page = tmp_path / "experiments.md"
+  page.write_text("# Experiments\n\nintro\n")
+  ref.write_section(str(page), f"{ref.SECTION_BEGIN}\nold\n{ref.SECTION_END}")
+  page.write_text(page.read_text() + "\n## Later section\n")
+  ref.write_section(str(page), f"{ref.SECTION_BEGIN}\nnew\n{ref.SECTION_END}")
+  text = page.read_text()
+  assert text.startswith("# Experiments\n\nintro\n")
+  assert "new" in text and "old" not in text and text.endswith("## Later section\n")
+  assert text.count(ref.SECTION_BEGIN) == 1
+
+
+def test_the_end_to_end_command_on_a_slice(tmp_path, shared_data_dir):
+  """Both gin files through vocabulary, training, selection, beam decode and
+  sacreBLEU: 4 steps, 64 validation and 8 test sentences, a 500-piece vocabulary."""
+  out, page, results = tmp_path / "out", tmp_path / "experiments.md", tmp_path / "res.jsonl"
+  page.write_text("# Experiments\n")
+  env = dict(os.environ, MOE_JAX_DATA_DIR=shared_data_dir, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="", MOE_JAX_CACHE_DIR=str(tmp_path / "cache"))
+  cmd = [sys.executable, "-m", "moe_jax.experiments.multi30k_reference",
+         f"--out={out}", "--model=both", "--steps=4", "--eval_period=2", "--eval_steps=1",
+         "--max_test_examples=8", "--beam_size=2", "--max_decode_length=16",
+         "--vocab_pieces=500", "--vocab_max_examples=2000", "--gin=LOG_PERIOD=2",
+         "--gin=BATCH_SIZE=16", f"--markdown={page}", f"--results={results}"]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  rows = [json.loads(line) for line in results.read_text().splitlines()]
+  summaries = {r["model"]: r for r in rows if r["kind"] == "reference_summary"}
+  assert set(summaries) == {"dense", "moe"}
+  for model, s in summaries.items():
+    assert s["best_step"] in (2, 4) and [st for st, _ in s["validation_bleu_by_step"]] == [2, 4]
+    assert s["decode"] == {"method": "beam", "beam_size": 2, "alpha": 0.6,
+                           "max_decode_length": 16}
+    test = s["test"]["multi30k_translate_en_de"]
+    assert test["examples"] == 8
+    assert test["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
+    # The decode really was a beam search, from the chosen step's checkpoint.
+    eval_dir = out / f"{model}_en_de" / f"test_beam2_step{s['best_step']}"
+    preds = [json.loads(x) for x in
+             (eval_dir / "predictions" / "multi30k_translate_en_de.jsonl").read_text().splitlines()]
+    assert len(preds) == 8
+    assert s["test"]["multi30k_translate_en_de"]["bleu"] == pytest.approx(
+        _sacrebleu([p["prediction"] for p in preds], shared_data_dir), abs=0.01)
+    log = (out / f"{model}_en_de_test.log").read_text()
+    assert f"step{s['best_step']}" in eval_dir.name and "test split" in log
+    assert "beam search (beam 2, alpha 0.6), max length 16" in log
+  text = page.read_text()
+  assert ref.SECTION_BEGIN in text and "| dense | en_de | 4 |" in text
+  assert "| moe | en_de | 4 |" in text and "tok:13a" in text
+
+
+def _sacrebleu(predictions, data_dir):
+  import gzip  # pylint: disable=g-import-not-at-top
+  import sacrebleu  # pylint: disable=g-import-not-at-top
+  with gzip.open(os.path.join(data_dir, "test_2016_flickr.de.gz"), "rt") as f:
+    refs = [line.rstrip("\n") for line in f][:len(predictions)]
+  return sacrebleu.corpus_bleu(predictions, [refs]).score
