@@ -146,3 +146,19 @@ def _sacrebleu(predictions, data_dir):
   with gzip.open(os.path.join(data_dir, "test_2016_flickr.de.gz"), "rt") as f:
     refs = [line.rstrip("\n") for line in f][:len(predictions)]
   return sacrebleu.corpus_bleu(predictions, [refs]).score
+
+
+def test_the_six_direction_variant_trains_on_the_mixture_with_a_larger_vocabulary(
+    tmp_path, capsys):
+  assert ref.main([f"--out={tmp_path}", "--directions=six", "--model=moe",
+                   "--dry_run"]) == 0
+  printed = capsys.readouterr().out
+  assert "--task=multi30k_translate_mix" in printed
+  assert "--vocab_size=8000" in printed
+  train_line = next(line for line in printed.splitlines() if "moe_jax.train" in line)
+  assert "--gin_file=runs/multi30k_reference_moe.gin" in train_line
+  assert "--gin.T5Config.vocab_size=8192" in train_line
+  assert "--gin.MIXTURE_OR_TASK_NAME='multi30k_translate_mix'" in train_line
+  assert ref.DIRECTIONS["six"][2] == tuple(
+      f"multi30k_translate_{s}_{t}" for s, t in (("en", "de"), ("de", "en"), ("en", "fr"),
+                                                  ("fr", "en"), ("en", "cs"), ("cs", "en")))

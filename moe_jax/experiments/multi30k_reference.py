@@ -140,10 +140,10 @@ def score_test_decode(eval_dir: str, task: str, source_lang: str, target_lang: s
 def _vocab(r: runner_lib.Runner, task: str, pieces: int,
            max_examples: Optional[int]) -> str:
   path = os.path.join(r.out_dir, f"{task}_bpe{pieces}.model")
-  if not os.path.exists(path) and not r.dry_run:
+  if not os.path.exists(path):
     # Without the vocabulary variable, as the tasks register with it.
     trainer = runner_lib.Runner(r.out_dir, env={
-        k: v for k, v in r.env.items() if k != "MOE_JAX_MULTI30K_VOCAB"})
+        k: v for k, v in r.env.items() if k != "MOE_JAX_MULTI30K_VOCAB"}, dry_run=r.dry_run)
     trainer.tool("data.vocab_trainer", [
         f"--task={task}", "--module=tasks.multi30k", f"--vocab_size={pieces}",
         "--model_type=bpe", f"--output={path}",
