@@ -105,21 +105,11 @@ MODERN = {
 
 
 def _runner(out: str, dry_run: bool) -> runner_lib.Runner:
-  env = {}
-  data_dir = os.environ.get("MOE_JAX_DATA_DIR") or os.path.abspath(
-      os.path.join(runner_lib.REPO, "..", "shared", "data"))
-  env["MOE_JAX_DATA_DIR"] = data_dir
   vocab = os.path.join(out, f"multi30k_bpe{VOCAB_PIECES}.model")
-  env["MOE_JAX_MULTI30K_VOCAB"] = vocab
-  r = runner_lib.Runner(out, env=env, dry_run=dry_run)
-  if not os.path.exists(vocab) and not dry_run:
-    # Without the vocabulary variable: the tasks register with the cached
-    # default vocabulary while the new one is being trained.
-    trainer = runner_lib.Runner(out, env={"MOE_JAX_DATA_DIR": data_dir})
-    trainer.tool("data.vocab_trainer", [
-        "--task=multi30k_translate_mix", "--module=tasks.multi30k",
-        f"--vocab_size={VOCAB_PIECES}", "--model_type=bpe", f"--output={vocab}"],
-           "vocab")
+  r = runner_lib.Runner(out, env={"MOE_JAX_DATA_DIR": runner_lib.default_data_dir(),
+                                  "MOE_JAX_MULTI30K_VOCAB": vocab}, dry_run=dry_run)
+  if not dry_run:
+    r.train_vocab(vocab, "multi30k_translate_mix", VOCAB_PIECES)
   return r
 
 

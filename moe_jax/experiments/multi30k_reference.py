@@ -137,26 +137,13 @@ def score_test_decode(eval_dir: str, task: str, source_lang: str, target_lang: s
 
 
 # --- the pipeline ---------------------------------------------------------------
-def _vocab(r: runner_lib.Runner, task: str, pieces: int,
-           max_examples: Optional[int]) -> str:
-  path = os.path.join(r.out_dir, f"{task}_bpe{pieces}.model")
-  if not os.path.exists(path):
-    # Without the vocabulary variable, as the tasks register with it.
-    trainer = runner_lib.Runner(r.out_dir, env={
-        k: v for k, v in r.env.items() if k != "MOE_JAX_MULTI30K_VOCAB"}, dry_run=r.dry_run)
-    trainer.tool("data.vocab_trainer", [
-        f"--task={task}", "--module=tasks.multi30k", f"--vocab_size={pieces}",
-        "--model_type=bpe", f"--output={path}",
-        *([f"--max_examples={max_examples}"] if max_examples else [])], "vocab")
-  r.env["MOE_JAX_MULTI30K_VOCAB"] = path
-  return path
-
-
 def run_model(r: runner_lib.Runner, model: str, directions: str, args) -> dict:
   """Trains, selects, test-decodes and scores one model; returns its summary."""
   task, pieces, test_tasks = DIRECTIONS[directions]
   pieces = args.vocab_pieces or pieces
-  _vocab(r, task, pieces, args.vocab_max_examples)
+  vocab = os.path.join(r.out_dir, f"{task}_bpe{pieces}.model")
+  r.train_vocab(vocab, task, pieces, args.vocab_max_examples)
+  r.env["MOE_JAX_MULTI30K_VOCAB"] = vocab
   name = f"{model}_{directions}"
   overrides = [f"T5Config.vocab_size={vocab_size_for(pieces)}",
                f"MIXTURE_OR_TASK_NAME='{task}'"]
@@ -219,15 +206,14 @@ def render(summaries: Sequence[dict]) -> str:
            "test BLEU | lowercased | chrF |", "|---|---|---|---|---|---|---|---|"]
   for s in summaries:
     val = dict(s["validation_bleu_by_step"])
+    step_ms = s.get("step_time_ms")
+    step_time = "n/a" if step_ms is None else f"{step_ms / 1000:.2f} s"
     for task, t in s["test"].items():
-      step_ms = s.get("step_time_ms")
       lines.append(
           f"| {s['model']} | {task.replace('multi30k_translate_', '')} | "
-          f"{s['train_steps']} | {step_ms / 1000:.2f} s | {s['best_step']} "
+          f"{s['train_steps']} | {step_time} | {s['best_step']} "
           f"({val[s['best_step']]:.1f}) | **{t['bleu']:.1f}** | {t['bleu_lowercase']:.1f} | "
-          f"{t['chrf']:.1f} |" if step_ms else
-          f"| {s['model']} | {task} | {s['train_steps']} | n/a | {s['best_step']} | "
-          f"{t['bleu']:.1f} | {t['bleu_lowercase']:.1f} | {t['chrf']:.1f} |")
+          f"{t['chrf']:.1f} |")
   lines.append("")
   for s in summaries:
     t0 = next(iter(s["test"].values()))
@@ -287,8 +273,7 @@ def main(argv=None) -> int:
   p.add_argument("--dry_run", action="store_true")
   args = p.parse_args(argv)
 
-  data_dir = os.environ.get("MOE_JAX_DATA_DIR") or os.path.abspath(
-      os.path.join(runner_lib.REPO, "..", "shared", "data"))
+  data_dir = runner_lib.default_data_dir()
   os.environ["MOE_JAX_DATA_DIR"] = data_dir  # the test references are read here too
   r = runner_lib.Runner(args.out, env={"MOE_JAX_DATA_DIR": data_dir}, dry_run=args.dry_run)
   models = ("dense", "moe") if args.model == "both" else (args.model,)

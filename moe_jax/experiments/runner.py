@@ -23,6 +23,12 @@ from typing import Any, Optional, Sequence
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def default_data_dir() -> str:
+  """``$MOE_JAX_DATA_DIR``, else ``../shared/data`` beside the repository."""
+  return os.environ.get("MOE_JAX_DATA_DIR") or os.path.abspath(
+      os.path.join(REPO, "..", "shared", "data"))
+
+
 def read_scalars(event_dir: str) -> dict[str, dict[int, float]]:
   """``{tag: {step: value}}`` of the clu/TensorBoard event files in a directory."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -84,6 +90,24 @@ class Runner:
       raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}); log {log_path}:\n{tail}")
 
   # --- the tools ----------------------------------------------------------
+  def train_vocab(self, path: str, task: str, pieces: int,
+                  max_examples: Optional[int] = None) -> None:
+    """``moe-train-vocab``: a BPE SentencePiece model of ``pieces`` pieces on the
+    Multi30k ``task``'s text into ``path`` (nothing to do when it exists).
+
+    Runs without ``MOE_JAX_MULTI30K_VOCAB``: the tasks register with the
+    cached default vocabulary while the new one is being trained.
+    """
+    if os.path.exists(path):
+      return
+    trainer = Runner(self.out_dir, env={k: v for k, v in self.env.items()
+                                        if k != "MOE_JAX_MULTI30K_VOCAB"},
+                     dry_run=self.dry_run)
+    trainer.tool("data.vocab_trainer", [
+        f"--task={task}", "--module=tasks.multi30k", f"--vocab_size={pieces}",
+        "--model_type=bpe", f"--output={path}",
+        *([f"--max_examples={max_examples}"] if max_examples else [])], "vocab")
+
   def train(self, name: str, gin_files: Sequence[str], overrides: Sequence[str] = (),
             model_dir: Optional[str] = None) -> dict:
     """``moe-train``; returns its record (final eval metrics, step time)."""

@@ -143,14 +143,6 @@ def to_device(tree: Any) -> Any:
   return host_offload.fetch_if_host(tree)
 
 
-def like(new: Any, old: Any) -> Any:
-  """Inside a jitted step: ``new`` placed where ``old`` was (host leaves of
-  ``old`` send the matching leaf of ``new`` back to host memory)."""
-  return jax.tree_util.tree_map(
-      lambda n, o: jax.device_put(n, jax.memory.Space.Host) if host_offload.on_host(o)
-      else n, new, old)
-
-
 def place_like(new: Any, old: Any) -> Any:
   """Inside a jitted step: each leaf of ``new`` moved to the memory space of
   the matching leaf of ``old`` (host or device) where it is not there yet."""

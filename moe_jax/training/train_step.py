@@ -272,15 +272,17 @@ def make_train_step(model: nn.Module, cfg: LossConfig,
 
     if update_on_host:
       # The update runs on the host CPU, on the host-resident state (OPTIMIZER_UPDATE_ON_HOST).
-      new_state, metrics["param_norm"] = offload_lib.on_host_cpu(update, state, grads, moves)
-      metrics["param_norm"] = jax.device_put(metrics["param_norm"], jax.memory.Space.Device)
-      return offload_lib.place_like(new_state, rested), metrics
-    # Otherwise on the device; host leaves stream in here and back at the
-    # end (no-ops for a state that rests on the device).
-    state = state.replace(params=offload_lib.to_device(state.params),
-                          opt_state=offload_lib.to_device(state.opt_state))
-    new_state, metrics["param_norm"] = update(state, grads, moves)
-    return offload_lib.like(new_state, rested), metrics
+      new_state, norm = offload_lib.on_host_cpu(update, state, grads, moves)
+      norm = jax.device_put(norm, jax.memory.Space.Device)
+    else:
+      # On the device; host leaves stream in here (no-ops for a state that
+      # rests on the device).
+      state = state.replace(params=offload_lib.to_device(state.params),
+                            opt_state=offload_lib.to_device(state.opt_state))
+      new_state, norm = update(state, grads, moves)
+    metrics["param_norm"] = norm
+    # Each leaf goes back where it rests between steps.
+    return offload_lib.place_like(new_state, rested), metrics
 
   if distillation is None:
     def train_step(state: train_state_lib.TrainState, batch: Batch):
