@@ -35,6 +35,8 @@ VARIANTS = {
     "params": ["OFFLOAD_PARAMS = True"],
     "zero": ["train.zero_sharding = True"],
     "host_update": ["OFFLOAD_OPTIMIZER_STATE = True", "OPTIMIZER_UPDATE_ON_HOST = True"],
+    "all_on_host": ["OFFLOAD_OPTIMIZER_STATE = True", "OFFLOAD_PARAMS = True",
+                    "OPTIMIZER_UPDATE_ON_HOST = True"],
 }
 
 
@@ -95,11 +97,15 @@ def test_offloaded_tree_bytes_move_from_device_to_host_arguments(compiled, varia
   expected = tree_bytes(getattr(plain_layout.abstract, tree),
                         getattr(plain_layout.shardings, tree), keep)
   assert expected > 2**20
-  assert plain["host_bytes"] == {"argument": 0, "temp": 0, "output": 0}
+  assert plain["host_bytes"] == {"argument": 0, "temp": 0, "output": 0, "alias": 0,
+                                 "total": 0}
   # Exactly the tree rests in host memory: in the arguments and (the new
-  # state) in the outputs ...
-  assert rep["host_bytes"]["argument"] == expected
-  assert rep["host_bytes"]["output"] == expected
+  # state) in the outputs, which XLA writes into the donated host buffers,
+  # so the host holds it once ...
+  host = rep["host_bytes"]
+  assert host["argument"] == host["output"] == host["alias"] == expected
+  assert host["total"] == expected + host["temp"]
+  assert rep["host_offload"]["host_total_bytes"] == host["total"]
   # ... and is gone from the device arguments and outputs.
   assert plain["device_bytes"]["argument"] - rep["device_bytes"]["argument"] == expected
   assert plain["device_bytes"]["output"] - rep["device_bytes"]["output"] == expected
@@ -167,6 +173,8 @@ def test_the_host_update_keeps_the_optimizer_state_off_the_device(compiled):
   param_bytes = tree_bytes(layout.abstract.params, layout.shardings.params)
   assert opt_bytes == 2 * param_bytes   # AdamW: mu and nu
   assert host["host_bytes"]["argument"] == streamed["host_bytes"]["argument"] == opt_bytes
+  # The host program writes the new state into the donated host buffers.
+  assert host["host_bytes"]["alias"] == opt_bytes
   assert host["device_bytes"]["argument"] == streamed["device_bytes"]["argument"]
   assert streamed["host_offload"]["host_to_device_bytes"] >= opt_bytes
   moved = host["host_offload"]
@@ -175,3 +183,26 @@ def test_the_host_update_keeps_the_optimizer_state_off_the_device(compiled):
   assert moved["device_to_host_bytes"] == pytest.approx(2 * param_bytes, abs=256)
   assert host["device_bytes"]["temp"] < streamed["device_bytes"]["temp"]
   assert host["memory_settings"]["OPTIMIZER_UPDATE_ON_HOST"]
+
+
+def test_params_and_optimizer_state_on_the_host_with_the_host_update(compiled):
+  """All three switches: the whole train state rests in host memory (once:
+  the new state is written into the donated buffers), the device keeps no
+  parameter or optimizer bytes between steps, the weights come up block by
+  block (at least the parameters' bytes) and only the gradients go down (the
+  host program already holds the parameters it updates)."""
+  plain, layout = compiled["plain"]
+  rep, _ = compiled["all_on_host"]
+  host_update, _ = compiled["host_update"]
+  param_bytes = tree_bytes(layout.abstract.params, layout.shardings.params, _arrays)
+  opt_bytes = tree_bytes(layout.abstract.opt_state, layout.shardings.opt_state, _arrays)
+  host = rep["host_bytes"]
+  assert host["argument"] == host["output"] == host["alias"] == param_bytes + opt_bytes
+  assert (_resting(plain["device_bytes"]) - _resting(rep["device_bytes"])
+          == param_bytes + opt_bytes)
+  moved = rep["host_offload"]
+  assert moved["host_to_device_bytes"] >= param_bytes
+  assert moved["device_to_host_bytes"] == pytest.approx(param_bytes, rel=0.01)
+  assert (host_update["host_offload"]["device_to_host_bytes"]
+          - moved["device_to_host_bytes"]) == pytest.approx(param_bytes, rel=0.01)
+  assert rep["device_bytes"]["total"] < host_update["device_bytes"]["total"]

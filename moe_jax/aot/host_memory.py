@@ -8,7 +8,9 @@ counts, per step and per chip, the copies between device and host memory:
   and ``copy`` whose destination and source sit in different spaces;
 * ``dynamic-slice`` reading a slice of a host buffer into device memory and
   ``dynamic-update-slice`` writing a device slice into a host buffer (one
-  slice per loop iteration, e.g. offloaded activations of scanned layers);
+  slice per loop iteration, e.g. offloaded activations of scanned layers, or
+  a scanned block's offloaded weights and their gradients), synchronous or
+  async (``dynamic-slice-start``, ``dynamic-update-slice-start``);
 * a host program (``compute_on("device_host")``: an async call on the
   ``host`` execution thread): its operands in device memory are read over the
   link (device to host), its results in device memory are written over it
@@ -49,6 +51,12 @@ def _device_bytes(shapes: list[str]) -> int:
   return sum(hlo.shape_bytes(x) for x in shapes if x and not _on_host(x))
 
 
+def _tuple_parts(shape: str) -> list[str]:
+  """The top-level elements of a tuple shape ``(a, b, ...)``."""
+  shape = shape.strip()
+  return hlo._split_top_level(shape[1:-1]) if shape.startswith("(") else []  # pylint: disable=protected-access
+
+
 def _is_host_call(instr: Optional[hlo.Instruction]) -> bool:
   return (instr is not None and instr.opcode.endswith("call-start")
           and ('async_execution_thread="host"' in instr.attrs
@@ -73,6 +81,20 @@ def transfer(module: hlo.Module, instr: hlo.Instruction) -> Optional[tuple[str, 
     if len(parts) < 2:
       return None
     dest, src = parts[0], parts[1]
+  elif op in ("dynamic-slice-start", "dynamic-update-slice-start"):
+    # Async slices: ``((operands...), result, context)``. A read moves the
+    # slice (the result); a write moves the update (operand 1).
+    parts = _tuple_parts(instr.shape)
+    operands = _tuple_parts(parts[0]) if parts and parts[0].startswith("(") else []
+    if len(parts) < 2 or len(operands) < 2:
+      return None
+    if op == "dynamic-slice-start":
+      dest, src = parts[1], operands[0]
+    else:
+      dest, src = parts[1], operands[1]
+      if _on_host(dest) == _on_host(src):
+        return None
+      return ("device_to_host" if _on_host(dest) else "host_to_device"), hlo.shape_bytes(src)
   elif op in ("copy", "dynamic-slice"):
     dest, src = instr.shape, _operand_shape(module, instr, 0)
   elif op == "dynamic-update-slice":   # the update (operand 1) moves

@@ -24,16 +24,18 @@ Memory (``device_bytes`` / ``host_bytes``, per chip) is XLA's
 ``alias`` (outputs that reuse donated argument buffers: the donated state),
 ``temp`` (activations and other temporaries); ``total = argument + output -
 alias + temp``. Host bytes are buffers in host memory kinds (``pinned_host``
-offload).
+offload), with the same keys: XLA aliases donated host buffers too
+(``host_alias_size_in_bytes``), so the new offloaded state overwrites the
+old one in place and is counted once.
 
 ``host_offload`` (per chip, per step): ``host_to_device_bytes`` /
 ``device_to_host_bytes`` and ``transfers`` (:mod:`moe_jax.aot.host_memory`),
 ``host_bytes_per_s`` (the chip's host link, each way) and ``transfer_s``
 (the larger direction over it: what the traffic adds to a step that cannot
-hide it behind compute), ``host_total_bytes`` (host arguments + outputs +
-temporaries: XLA does not alias donated host buffers, so the old and the new
-state are both counted), ``host_memory_bytes_per_chip`` (the host's RAM
-over its chips; ``None`` where unpublished) and ``host_fits``.
+hide it behind compute), ``host_total_bytes`` (``host_bytes["total"]``: host
+arguments + outputs - aliased + temporaries), ``host_memory_bytes_per_chip``
+(the host's RAM over its chips; ``None`` where unpublished) and
+``host_fits``.
 
 ``roofline_step_s`` is a lower bound on the step time from the compiled
 program alone: ``max(FLOPs / peak FLOP/s, HBM bytes accessed / HBM
@@ -107,8 +109,7 @@ def _base(topo, mesh_shape: Mapping[str, int], batch_size: int, tokens_per_step:
 
 
 def _host_offload(report: Mapping[str, Any], chip, text: Optional[str]) -> dict[str, Any]:
-  host = report["host_bytes"]
-  total = host["argument"] + host["output"] + host["temp"]
+  total = report["host_bytes"]["total"]
   capacity = chip.host_memory_bytes or None
   out = {"host_to_device_bytes": None, "device_to_host_bytes": None, "transfers": None,
          "host_bytes_per_s": chip.host_bytes_per_s or None, "transfer_s": None,
@@ -122,6 +123,13 @@ def _host_offload(report: Mapping[str, Any], chip, text: Optional[str]) -> dict[
     if chip.host_bytes_per_s:
       out["transfer_s"] = host_memory.seconds(moved, chip.host_bytes_per_s)
   return out
+
+
+def _memory(argument: int, output: int, alias: int, temp: int) -> dict[str, int]:
+  """One memory space's bytes; ``total`` counts a donated, aliased buffer once."""
+  argument, output, alias, temp = (int(x) for x in (argument, output, alias, temp))
+  return {"argument": argument, "temp": temp, "output": output, "alias": alias,
+          "total": argument + output - alias + temp}
 
 
 def _fit(report: dict[str, Any]) -> None:
@@ -147,13 +155,11 @@ def from_compiled(compiled: Any, topo, *, mesh_shape: Mapping[str, int],
   report = _base(topo, mesh_shape, batch_size, tokens_per_step, model_flops, compile_s,
                  memory_settings)
   mem = compiled.memory_analysis()
-  arg, out = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
-  alias, temp = int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes)
-  report["device_bytes"] = {"argument": arg, "temp": temp, "output": out, "alias": alias,
-                            "total": arg + out - alias + temp}
-  report["host_bytes"] = {"argument": int(mem.host_argument_size_in_bytes),
-                          "temp": int(mem.host_temp_size_in_bytes),
-                          "output": int(mem.host_output_size_in_bytes)}
+  report["device_bytes"] = _memory(mem.argument_size_in_bytes, mem.output_size_in_bytes,
+                                   mem.alias_size_in_bytes, mem.temp_size_in_bytes)
+  report["host_bytes"] = _memory(mem.host_argument_size_in_bytes,
+                                 mem.host_output_size_in_bytes,
+                                 mem.host_alias_size_in_bytes, mem.host_temp_size_in_bytes)
   _fit(report)
   text = compiled.as_text()
   analysis = hlo.analyze(text)
@@ -190,8 +196,8 @@ def from_oom(message: str, topo, *, argument_bytes: int, state_bytes: int,
   state (``state_bytes``, the outputs aliased onto the inputs). The error's
   temporaries (or total used) complete the total. The FLOPs, roofline and
   collectives of a program that was never built are ``None``; host memory
-  is the state that rests there (``host_argument_bytes``), twice (old and
-  new state).
+  is the state that rests there (``host_argument_bytes``), donated and
+  aliased by the new state.
   """
   report = _base(topo, mesh_shape, batch_size, tokens_per_step, model_flops, compile_s,
                  memory_settings)
@@ -202,11 +208,9 @@ def from_oom(message: str, topo, *, argument_bytes: int, state_bytes: int,
   if temp is None and sizes["over"] is not None:
     temp = max(topo.chip.hbm_bytes + sizes["over"] - argument_bytes, 0)
   temp = temp if temp is not None else max(topo.chip.hbm_bytes - argument_bytes + 1, 0)
-  report["device_bytes"] = {"argument": argument_bytes, "temp": temp,
-                            "output": state_bytes, "alias": state_bytes,
-                            "total": argument_bytes + temp}
-  report["host_bytes"] = {"argument": int(host_argument_bytes), "temp": 0,
-                          "output": int(host_argument_bytes)}
+  report["device_bytes"] = _memory(argument_bytes, state_bytes, state_bytes, temp)
+  report["host_bytes"] = _memory(host_argument_bytes, host_argument_bytes,
+                                 host_argument_bytes, 0)
   report["host_offload"] = _host_offload(report, topo.chip, None)
   _fit(report)
   report["fits"] = False  # XLA said so, whatever the arithmetic
@@ -283,8 +287,9 @@ def summary(report: Mapping[str, Any], topo, *, title: str = "",
       f"(arguments {_gib(dev['argument'])}, temporaries {_gib(dev['temp'])}, outputs "
       f"{_gib(dev['output'])}, aliased {_gib(dev['alias'])})")
   if any(host.values()):
-    lines.append(f"  host memory per chip: arguments {_gib(host['argument'])}, "
-                 f"temporaries {_gib(host['temp'])}, outputs {_gib(host['output'])}")
+    lines.append(f"  host memory per chip: {_gib(host['total'])} (arguments "
+                 f"{_gib(host['argument'])}, temporaries {_gib(host['temp'])}, outputs "
+                 f"{_gib(host['output'])}, aliased {_gib(host['alias'])})")
   settings = report.get("memory_settings") or {}
   if settings:
     lines.append("  memory settings: " + " ".join(f"{k}={v}" for k, v in settings.items()))

@@ -23,10 +23,13 @@ are one step (:data:`STEP`) apart or the per-setting budget of compiles is
 spent. Every compile is recorded; they are kept in ``docs/offload.json``
 and reused by a rerun (``--fresh`` recompiles).
 
-Host memory is not part of the device search: the result says whether the
-host RAM per chip holds the offloaded state (``host_fits``) and, from a line
-through the compiled points' host bytes, the largest count the host RAM would
-hold (``host_limited_experts``, an interpolation).
+A count fits when XLA compiles it within HBM *and* the host RAM per chip
+holds its host bytes (:func:`fits`; host arguments + outputs - aliased +
+temporaries: XLA writes the new offloaded state into the donated host
+buffers). The next count is predicted from the device-bytes line or, where
+it crosses first, the host-bytes line. ``host_limited_experts`` is where the
+host-bytes line through the smallest and largest compiled points crosses
+the host RAM (an interpolation).
 """
 
 from __future__ import annotations
@@ -57,9 +60,15 @@ SETTINGS = {
     # The optimizer update computed by the host CPU (OPTIMIZER_UPDATE_ON_HOST).
     "optimizer+host_update": ("OFFLOAD_OPTIMIZER_STATE = True",
                               "OPTIMIZER_UPDATE_ON_HOST = True"),
+    # The whole train state on the host, updated there: the device holds one
+    # scanned block's weights and gradients plus the activations.
+    "optimizer+params+host_update": ("OFFLOAD_OPTIMIZER_STATE = True",
+                                     "OFFLOAD_PARAMS = True",
+                                     "OPTIMIZER_UPDATE_ON_HOST = True"),
 }
 START = {"none": (128, 256), "optimizer": (128, 256), "optimizer+params": (128, 256),
-         "everything": (128, 256), "optimizer+host_update": (128, 256)}
+         "everything": (128, 256), "optimizer+host_update": (128, 256),
+         "optimizer+params+host_update": (256, 512)}
 
 
 def bindings(setting: str, num_experts: int) -> list[str]:
@@ -67,8 +76,8 @@ def bindings(setting: str, num_experts: int) -> list[str]:
   return [*FIXED, *SETTINGS[setting], f"NUM_EXPERTS = {num_experts}"]
 
 
-def compile_point(setting: str, num_experts: int) -> dict[str, Any]:
-  """Compiles one (setting, experts) in this process; its record.
+def compile_point(setting: str, num_experts: int, topology: str = TOPOLOGY) -> dict[str, Any]:
+  """Compiles one (setting, experts) for ``topology`` in this process; its record.
 
   Returns:
     ``{"setting", "num_experts", "fits", "device_bytes", "host_bytes",
@@ -77,7 +86,7 @@ def compile_point(setting: str, num_experts: int) -> dict[str, Any]:
   """
   from moe_jax.aot import step  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
-  done = step.run(TOPOLOGY, 1, list(GIN_FILES), bindings(setting, num_experts),
+  done = step.run(topology, 1, list(GIN_FILES), bindings(setting, num_experts),
                   title=f"{setting} E={num_experts}")
   rep = done.report
   print(done.summary, file=sys.stderr, flush=True)
@@ -102,6 +111,12 @@ def _crossing(a: tuple[int, int], b: tuple[int, int], limit: int) -> float:
   return e1 + (limit - t1) * (e2 - e1) / (t2 - t1)
 
 
+def fits(point: dict[str, Any]) -> bool:
+  """The program fits the chip: XLA compiled it within HBM *and* the host
+  RAM per chip holds its host bytes (where that RAM is published)."""
+  return bool(point["fits"]) and point["host_offload"].get("host_fits") is not False
+
+
 def next_count(points: dict[int, dict[str, Any]], limit: int) -> Optional[int]:
   """The next number of experts to compile, or ``None`` when the search is done.
 
@@ -109,8 +124,8 @@ def next_count(points: dict[int, dict[str, Any]], limit: int) -> Optional[int]:
     points: compiled records by number of experts.
     limit: HBM bytes per chip.
   """
-  fit = [e for e, p in points.items() if p["fits"]]
-  over = [e for e, p in points.items() if not p["fits"]]
+  fit = [e for e, p in points.items() if fits(p)]
+  over = [e for e, p in points.items() if not fits(p)]
   lo, hi = (max(fit) if fit else None), (min(over) if over else None)
   if lo is not None and hi is not None and hi - lo <= STEP:
     return None
@@ -120,21 +135,29 @@ def next_count(points: dict[int, dict[str, Any]], limit: int) -> Optional[int]:
   # line. Otherwise from the two points nearest the limit.
   near = sorted(fit)[-2:] if len(fit) >= 2 else sorted(
       points, key=lambda e: abs(points[e]["device_bytes"]["total"] - limit))[:2]
-  guess = _round_down(_crossing(*[(e, points[e]["device_bytes"]["total"]) for e in near],
-                                limit))
+  guess = _crossing(*[(e, points[e]["device_bytes"]["total"]) for e in near], limit)
+  # Where the host RAM binds first, its line decides.
+  host = [points[e]["host_offload"] for e in near]
+  capacity = host[0].get("host_memory_bytes_per_chip")
+  if capacity and all(h["host_total_bytes"] for h in host):
+    guess = min(guess, _crossing(*[(e, h["host_total_bytes"]) for e, h in zip(near, host)],
+                                 capacity))
+  guess = _round_down(guess)
   if lo is not None:
     guess = max(guess, lo + STEP)
   if hi is not None:
     guess = min(guess, hi - STEP)
   if guess in points:  # the line points at a count already compiled: step off it
-    guess = guess + STEP if points[guess]["fits"] else guess - STEP
+    guess = guess + STEP if fits(points[guess]) else guess - STEP
   return guess if guess not in points and guess >= STEP else None
 
 
 def search(setting: str, compile_fn: Callable[[str, int], dict[str, Any]],
            cache: dict[tuple[str, int], dict[str, Any]],
-           max_compiles: int = MAX_COMPILES) -> dict[int, dict[str, Any]]:
-  """The compiled points of one setting's search (see the module docstring)."""
+           max_compiles: int = MAX_COMPILES,
+           start: Optional[tuple[int, int]] = None) -> dict[int, dict[str, Any]]:
+  """The compiled points of one setting's search (see the module docstring);
+  ``start``: the first two counts (default :data:`START`)."""
   points: dict[int, dict[str, Any]] = {}
 
   def get(e: int) -> None:
@@ -142,9 +165,9 @@ def search(setting: str, compile_fn: Callable[[str, int], dict[str, Any]],
       cache[(setting, e)] = compile_fn(setting, e)
     points[e] = cache[(setting, e)]
 
-  first, second = START[setting]
+  first, second = start or START[setting]
   get(first)
-  get(second if points[first]["fits"] else first // 2)
+  get(second if fits(points[first]) else first // 2)
   limit = points[first]["hbm_bytes_per_chip"]
   while len(points) < max_compiles:
     e = next_count(points, limit)
@@ -171,8 +194,8 @@ def _host_limited(points: dict[int, dict[str, Any]]) -> Optional[int]:
 
 def summarize(setting: str, points: dict[int, dict[str, Any]]) -> dict[str, Any]:
   """The row of one setting: the largest fitting count and what it costs."""
-  fit = [e for e, p in points.items() if p["fits"]]
-  over = [e for e, p in points.items() if not p["fits"]]
+  fit = [e for e, p in points.items() if fits(p)]
+  over = [e for e, p in points.items() if not fits(p)]
   if not fit:
     return {"setting": setting, "num_experts": None,
             "smallest_not_fitting": min(over) if over else None}
@@ -193,20 +216,40 @@ def summarize(setting: str, points: dict[int, dict[str, Any]]) -> dict[str, Any]
           "compiles": len(points)}
 
 
-def _load(path: str) -> dict[tuple[str, int], dict[str, Any]]:
+def migrate_host_alias(record: dict[str, Any]) -> dict[str, Any]:
+  """A compile recorded before the report read XLA's host aliasing (its
+  ``host_bytes`` has no ``alias``): the host arguments of the train step are
+  exactly the offloaded state, which is donated and written back in place
+  (``host_alias == host_argument``, checked for every offload switch by
+  ``tests/test_offload_tpu.py``), so its host total is recomputed as
+  arguments + outputs - aliased + temporaries. Marked ``host_alias_inferred``.
+  """
+  host = record["host_bytes"]
+  if "alias" in host:
+    return record
+  host = dict(host, alias=host["argument"])
+  host["total"] = host["argument"] + host["output"] - host["alias"] + host["temp"]
+  off = dict(record["host_offload"], host_total_bytes=host["total"])
+  cap = off.get("host_memory_bytes_per_chip")
+  off["host_fits"] = None if not cap else bool(host["total"] <= cap)
+  return dict(record, host_bytes=host, host_offload=off, host_alias_inferred=True)
+
+
+def _load(path: str, topology: str) -> dict[tuple[str, int], dict[str, Any]]:
   if not os.path.exists(path):
     return {}
   with open(path) as f:
     data = json.load(f)
-  if data.get("fixed") != list(FIXED):
+  if data.get("fixed") != list(FIXED) or data.get("topology") != topology:
     return {}
-  return {(c["setting"], c["num_experts"]): c for c in data["compiles"]}
+  return {(c["setting"], c["num_experts"]): migrate_host_alias(c) for c in data["compiles"]}
 
 
 def run(settings: Sequence[str], path: str = OUT, fresh: bool = False,
-        max_compiles: int = MAX_COMPILES) -> dict[str, Any]:
+        max_compiles: int = MAX_COMPILES, topology: str = TOPOLOGY,
+        start: Optional[tuple[int, int]] = None) -> dict[str, Any]:
   """Searches each setting, writing ``path`` after every compile; the JSON."""
-  cache = {} if fresh else _load(path)
+  cache = {} if fresh else _load(path, topology)
   results: dict[str, Any] = {}
 
   def write() -> dict[str, Any]:
@@ -214,7 +257,7 @@ def run(settings: Sequence[str], path: str = OUT, fresh: bool = False,
     for row in results.values():
       row["params_ratio_to_none"] = (row["total_params"] / base
                                      if base and row.get("total_params") else None)
-    data = {"topology": TOPOLOGY, "gin_files": list(GIN_FILES), "fixed": list(FIXED),
+    data = {"topology": topology, "gin_files": list(GIN_FILES), "fixed": list(FIXED),
             "settings": {k: list(v) for k, v in SETTINGS.items()}, "step": STEP,
             "results": list(results.values()),
             "compiles": sorted(cache.values(), key=lambda c: (list(SETTINGS).index(
@@ -224,13 +267,13 @@ def run(settings: Sequence[str], path: str = OUT, fresh: bool = False,
     return data
 
   def compile_and_save(setting: str, e: int) -> dict[str, Any]:
-    record = compile_point(setting, e)
+    record = compile_point(setting, e, topology)
     cache[(setting, e)] = record
     write()
     return record
 
   for setting in settings:
-    points = search(setting, compile_and_save, cache, max_compiles)
+    points = search(setting, compile_and_save, cache, max_compiles, start)
     results[setting] = summarize(setting, points)
   return write()
 
@@ -242,8 +285,11 @@ def _round(x: Optional[float], digits: int) -> str:
 def table(data: dict[str, Any]) -> str:
   """The fit table (markdown) of a :func:`run` result."""
   gb = lambda n: "-" if n is None else f"{n / 2**30:.1f}"  # noqa: E731
+  first = next((r for r in data["results"] if r.get("host_memory_bytes_per_chip")), {})
+  hbm = next((c["hbm_bytes_per_chip"] for c in data["compiles"]), None)
+  host_cap = first.get("host_memory_bytes_per_chip")
   rows = ["| setting | experts (fits; first that does not) | total params | x none | "
-          "device GiB/chip (of 95) | host GiB/chip (fits 104.3?) | host-RAM-limited "
+          f"device GiB/chip (of {gb(hbm)}) | host GiB/chip (fits {gb(host_cap)}?) | host-RAM-limited "
           "experts | host->device GiB/step | transfer s/step | roofline step s |",
           "|" + "---|" * 10]
   for r in data["results"]:
@@ -268,12 +314,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--fresh", action="store_true", help="recompile every point")
   parser.add_argument("--max_compiles", type=int, default=MAX_COMPILES,
                       help="compiles per setting (cached ones count)")
+  parser.add_argument("--topology", default=TOPOLOGY,
+                      help="moe-compile topology (another one wants its own --out)")
+  parser.add_argument("--start", default=None,
+                      help="first two expert counts, e.g. 32,64 (default: per setting)")
   args = parser.parse_args(argv)
   settings = [s for s in args.settings.split(",") if s]
   unknown = set(settings) - set(SETTINGS)
   if unknown:
     parser.error(f"unknown settings {sorted(unknown)}; choose from {list(SETTINGS)}")
-  data = run(settings, args.out, args.fresh, args.max_compiles)
+  start = tuple(int(x) for x in args.start.split(",")) if args.start else None
+  if start is not None and len(start) != 2:
+    parser.error(f"--start takes two counts such as 32,64, got {args.start!r}")
+  data = run(settings, args.out, args.fresh, args.max_compiles, args.topology, start)
   print(json.dumps(data) if args.json else table(data))
   return 0
 

@@ -258,29 +258,30 @@ def make_train_step(model: nn.Module, cfg: LossConfig,
       grads, metrics = loss_and_grads(model, offload_lib.params_for_model(state.params),
                                       batch, cfg, rng, num_microbatches, mesh,
                                       teacher=teacher)
-    grads = offload_lib.to_device(grads)
-    grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
-    metrics["grad_norm"] = optax.global_norm(grads)
     if schedule is not None:
       metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
     moves = {k: metrics.pop(k) for k in list(metrics) if non_trainable.is_update(k)}
 
     def update(state, grads, moves):
+      grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
       new_state = state.apply_gradients(grads)
       params, _ = non_trainable.apply_updates(new_state.params, moves)
-      return new_state.replace(params=params), _global_norm(params)
+      return new_state.replace(params=params), (_global_norm(grads), _global_norm(params))
 
     if update_on_host:
-      # The update runs on the host CPU, on the host-resident state (OPTIMIZER_UPDATE_ON_HOST).
-      new_state, norm = offload_lib.on_host_cpu(update, state, grads, moves)
-      norm = jax.device_put(norm, jax.memory.Space.Device)
+      # The update runs on the host CPU, on the host-resident state
+      # (OPTIMIZER_UPDATE_ON_HOST). Gradients of offloaded parameters are
+      # already in host memory (they leave each block as it is
+      # differentiated) and stay there.
+      new_state, norms = offload_lib.on_host_cpu(update, state, grads, moves)
+      norms = jax.device_put(norms, jax.memory.Space.Device)
     else:
       # On the device; host leaves stream in here (no-ops for a state that
       # rests on the device).
       state = state.replace(params=offload_lib.to_device(state.params),
                             opt_state=offload_lib.to_device(state.opt_state))
-      new_state, norm = update(state, grads, moves)
-    metrics["param_norm"] = norm
+      new_state, norms = update(state, offload_lib.to_device(grads), moves)
+    metrics["grad_norm"], metrics["param_norm"] = norms
     # Each leaf goes back where it rests between steps.
     return offload_lib.place_like(new_state, rested), metrics
 
