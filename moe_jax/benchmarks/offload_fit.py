@@ -60,8 +60,8 @@ SETTINGS = {
     # The optimizer update computed by the host CPU (OPTIMIZER_UPDATE_ON_HOST).
     "optimizer+host_update": ("OFFLOAD_OPTIMIZER_STATE = True",
                               "OPTIMIZER_UPDATE_ON_HOST = True"),
-    # The whole train state on the host, updated there: the device holds one
-    # scanned block's weights and gradients plus the activations.
+    # The whole train state on the host, updated there: the device holds the
+    # activations and the blocks' fetched weights, nothing between steps.
     "optimizer+params+host_update": ("OFFLOAD_OPTIMIZER_STATE = True",
                                      "OFFLOAD_PARAMS = True",
                                      "OPTIMIZER_UPDATE_ON_HOST = True"),
