@@ -107,3 +107,20 @@ def test_run_writes_json_that_a_rerun_reuses_and_a_table(tmp_path, monkeypatch):
   assert len(calls) > n             # another topology does not reuse them
   text = offload_fit.table(data)
   assert "| none | 168 (172) | 0.00 B | 1.00 | 94.0 |" in text and "(of 95.0)" in text
+
+
+def test_an_extra_point_is_compiled_once_and_reported_as_its_own_row(tmp_path, monkeypatch):
+  calls = []
+
+  def fake(setting, e, topology):
+    calls.append((setting, e))
+    return _record(setting, e, 10 * GIB + e * GIB // 2, host=0, alias=0)
+
+  monkeypatch.setattr(offload_fit, "compile_point", fake)
+  path = str(tmp_path / "fit.json")
+  data = offload_fit.run(["none"], path, points=[("none", 160)])
+  assert calls.count(("none", 160)) == 1       # reused if the search compiled it
+  row = data["results"][-1]
+  assert row["setting"] == "none" and row["num_experts"] == 160
+  assert row["device_fits"] and row["params_ratio_to_none"] == pytest.approx(160 / 168)
+  assert "| none, one compile | 160 (device fits; host fits) |" in offload_fit.table(data)

@@ -72,41 +72,37 @@ def transfer(module: hlo.Module, instr: hlo.Instruction) -> Optional[tuple[str, 
     return ("device_to_host", moved) if moved else None
   if op.endswith("call-done") and instr.operands and _is_host_call(
       module.by_name.get(instr.operands[0])):   # ... and writes its device results
-    shape = instr.shape.strip()
-    parts = hlo._split_top_level(shape[1:-1]) if shape.startswith("(") else [shape]  # pylint: disable=protected-access
-    moved = _device_bytes(parts)
+    moved = _device_bytes(_tuple_parts(instr.shape) or [instr.shape.strip()])
     return ("host_to_device", moved) if moved else None
-  if op == "copy-start":
-    parts = hlo._split_top_level(instr.shape.strip()[1:-1])  # pylint: disable=protected-access
+  # ``dest`` and ``src`` are the two memory spaces; ``moved`` the buffer that
+  # crosses: the destination for copies and slice reads, the update (operand
+  # 1) for slice writes.
+  if op == "copy-start":   # ``(destination, source, context)``
+    parts = _tuple_parts(instr.shape)
     if len(parts) < 2:
       return None
     dest, src = parts[0], parts[1]
+    moved = dest
   elif op in ("dynamic-slice-start", "dynamic-update-slice-start"):
-    # Async slices: ``((operands...), result, context)``. A read moves the
-    # slice (the result); a write moves the update (operand 1).
+    # Async slices: ``((operands...), result, context)``.
     parts = _tuple_parts(instr.shape)
-    operands = _tuple_parts(parts[0]) if parts and parts[0].startswith("(") else []
+    operands = _tuple_parts(parts[0]) if parts else []
     if len(parts) < 2 or len(operands) < 2:
       return None
-    if op == "dynamic-slice-start":
-      dest, src = parts[1], operands[0]
-    else:
-      dest, src = parts[1], operands[1]
-      if _on_host(dest) == _on_host(src):
-        return None
-      return ("device_to_host" if _on_host(dest) else "host_to_device"), hlo.shape_bytes(src)
+    dest = parts[1]
+    src = operands[0] if op == "dynamic-slice-start" else operands[1]
+    moved = dest if op == "dynamic-slice-start" else src
   elif op in ("copy", "dynamic-slice"):
     dest, src = instr.shape, _operand_shape(module, instr, 0)
-  elif op == "dynamic-update-slice":   # the update (operand 1) moves
+    moved = dest
+  elif op == "dynamic-update-slice":
     dest, src = instr.shape, _operand_shape(module, instr, 1)
-    if src is None or _on_host(dest) == _on_host(src):
-      return None
-    return ("device_to_host" if _on_host(dest) else "host_to_device"), hlo.shape_bytes(src)
+    moved = src
   else:
     return None
   if src is None or _on_host(dest) == _on_host(src):
     return None
-  return ("device_to_host" if _on_host(dest) else "host_to_device"), hlo.shape_bytes(dest)
+  return ("device_to_host" if _on_host(dest) else "host_to_device"), hlo.shape_bytes(moved)
 
 
 def transfers(text: str) -> dict[str, dict[str, int]]:

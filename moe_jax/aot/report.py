@@ -125,7 +125,7 @@ def _host_offload(report: Mapping[str, Any], chip, text: Optional[str]) -> dict[
   return out
 
 
-def _memory(argument: int, output: int, alias: int, temp: int) -> dict[str, int]:
+def memory_bytes(argument: int, output: int, alias: int, temp: int) -> dict[str, int]:
   """One memory space's bytes; ``total`` counts a donated, aliased buffer once."""
   argument, output, alias, temp = (int(x) for x in (argument, output, alias, temp))
   return {"argument": argument, "temp": temp, "output": output, "alias": alias,
@@ -155,11 +155,12 @@ def from_compiled(compiled: Any, topo, *, mesh_shape: Mapping[str, int],
   report = _base(topo, mesh_shape, batch_size, tokens_per_step, model_flops, compile_s,
                  memory_settings)
   mem = compiled.memory_analysis()
-  report["device_bytes"] = _memory(mem.argument_size_in_bytes, mem.output_size_in_bytes,
-                                   mem.alias_size_in_bytes, mem.temp_size_in_bytes)
-  report["host_bytes"] = _memory(mem.host_argument_size_in_bytes,
-                                 mem.host_output_size_in_bytes,
-                                 mem.host_alias_size_in_bytes, mem.host_temp_size_in_bytes)
+  report["device_bytes"] = memory_bytes(mem.argument_size_in_bytes,
+                                        mem.output_size_in_bytes,
+                                        mem.alias_size_in_bytes, mem.temp_size_in_bytes)
+  report["host_bytes"] = memory_bytes(mem.host_argument_size_in_bytes,
+                                      mem.host_output_size_in_bytes,
+                                      mem.host_alias_size_in_bytes, mem.host_temp_size_in_bytes)
   _fit(report)
   text = compiled.as_text()
   analysis = hlo.analyze(text)
@@ -208,9 +209,9 @@ def from_oom(message: str, topo, *, argument_bytes: int, state_bytes: int,
   if temp is None and sizes["over"] is not None:
     temp = max(topo.chip.hbm_bytes + sizes["over"] - argument_bytes, 0)
   temp = temp if temp is not None else max(topo.chip.hbm_bytes - argument_bytes + 1, 0)
-  report["device_bytes"] = _memory(argument_bytes, state_bytes, state_bytes, temp)
-  report["host_bytes"] = _memory(host_argument_bytes, host_argument_bytes,
-                                 host_argument_bytes, 0)
+  report["device_bytes"] = memory_bytes(argument_bytes, state_bytes, state_bytes, temp)
+  report["host_bytes"] = memory_bytes(host_argument_bytes, host_argument_bytes,
+                                      host_argument_bytes, 0)
   report["host_offload"] = _host_offload(report, topo.chip, None)
   _fit(report)
   report["fits"] = False  # XLA said so, whatever the arithmetic

@@ -41,6 +41,8 @@ import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
+from moe_jax.aot import report
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OUT = os.path.join(REPO, "docs", "offload.json")
 TOPOLOGY = "v5p-8"
@@ -192,6 +194,20 @@ def _host_limited(points: dict[int, dict[str, Any]]) -> Optional[int]:
   return _round_down(_crossing((e1, a["host_total_bytes"]), (e2, b["host_total_bytes"]), cap))
 
 
+def _row(setting: str, point: dict[str, Any]) -> dict[str, Any]:
+  """What one compiled point holds and costs (a row of the table)."""
+  off = point["host_offload"]
+  return {"setting": setting, "num_experts": point["num_experts"],
+          "total_params": point["params"]["total"], "active_params": point["params"]["active"],
+          "device_bytes": point["device_bytes"]["total"],
+          "device_argument_bytes": point["device_bytes"]["argument"],
+          "host_bytes": off["host_total_bytes"], "host_fits": off["host_fits"],
+          "host_memory_bytes_per_chip": off["host_memory_bytes_per_chip"],
+          "host_to_device_bytes": off["host_to_device_bytes"],
+          "device_to_host_bytes": off["device_to_host_bytes"],
+          "transfer_s": off["transfer_s"], "roofline_step_s": point["roofline_step_s"]}
+
+
 def summarize(setting: str, points: dict[int, dict[str, Any]]) -> dict[str, Any]:
   """The row of one setting: the largest fitting count and what it costs."""
   fit = [e for e, p in points.items() if fits(p)]
@@ -199,21 +215,17 @@ def summarize(setting: str, points: dict[int, dict[str, Any]]) -> dict[str, Any]
   if not fit:
     return {"setting": setting, "num_experts": None,
             "smallest_not_fitting": min(over) if over else None}
-  best = points[max(fit)]
-  off = best["host_offload"]
-  return {"setting": setting, "num_experts": best["num_experts"],
-          "smallest_not_fitting": min([e for e in over if e > best["num_experts"]],
-                                      default=None),
-          "total_params": best["params"]["total"], "active_params": best["params"]["active"],
-          "device_bytes": best["device_bytes"]["total"],
-          "device_argument_bytes": best["device_bytes"]["argument"],
-          "host_bytes": off["host_total_bytes"], "host_fits": off["host_fits"],
-          "host_memory_bytes_per_chip": off["host_memory_bytes_per_chip"],
-          "host_limited_experts": _host_limited(points),
-          "host_to_device_bytes": off["host_to_device_bytes"],
-          "device_to_host_bytes": off["device_to_host_bytes"],
-          "transfer_s": off["transfer_s"], "roofline_step_s": best["roofline_step_s"],
-          "compiles": len(points)}
+  best = max(fit)
+  return {**_row(setting, points[best]),
+          "smallest_not_fitting": min([e for e in over if e > best], default=None),
+          "host_limited_experts": _host_limited(points), "compiles": len(points)}
+
+
+def point_row(setting: str, point: dict[str, Any]) -> dict[str, Any]:
+  """The row of one count compiled outside the search (``--point``): whether
+  the device holds it (``device_fits``) and what host RAM it would need."""
+  return {**_row(setting, point), "device_fits": bool(point["fits"]),
+          "smallest_not_fitting": None, "host_limited_experts": None, "compiles": 1}
 
 
 def migrate_host_alias(record: dict[str, Any]) -> dict[str, Any]:
@@ -227,8 +239,7 @@ def migrate_host_alias(record: dict[str, Any]) -> dict[str, Any]:
   host = record["host_bytes"]
   if "alias" in host:
     return record
-  host = dict(host, alias=host["argument"])
-  host["total"] = host["argument"] + host["output"] - host["alias"] + host["temp"]
+  host = report.memory_bytes(host["argument"], host["output"], host["argument"], host["temp"])
   off = dict(record["host_offload"], host_total_bytes=host["total"])
   cap = off.get("host_memory_bytes_per_chip")
   off["host_fits"] = None if not cap else bool(host["total"] <= cap)
@@ -247,8 +258,11 @@ def _load(path: str, topology: str) -> dict[tuple[str, int], dict[str, Any]]:
 
 def run(settings: Sequence[str], path: str = OUT, fresh: bool = False,
         max_compiles: int = MAX_COMPILES, topology: str = TOPOLOGY,
-        start: Optional[tuple[int, int]] = None) -> dict[str, Any]:
-  """Searches each setting, writing ``path`` after every compile; the JSON."""
+        start: Optional[tuple[int, int]] = None,
+        points: Sequence[tuple[str, int]] = ()) -> dict[str, Any]:
+  """Searches each setting, then compiles (or reuses) each extra
+  ``(setting, experts)`` of ``points``, writing ``path`` after every compile;
+  the JSON."""
   cache = {} if fresh else _load(path, topology)
   results: dict[str, Any] = {}
 
@@ -273,8 +287,11 @@ def run(settings: Sequence[str], path: str = OUT, fresh: bool = False,
     return record
 
   for setting in settings:
-    points = search(setting, compile_and_save, cache, max_compiles, start)
-    results[setting] = summarize(setting, points)
+    found = search(setting, compile_and_save, cache, max_compiles, start)
+    results[setting] = summarize(setting, found)
+  for setting, e in points:
+    record = cache.get((setting, e)) or compile_and_save(setting, e)
+    results[f"{setting} @ {e}"] = point_row(setting, record)
   return write()
 
 
@@ -297,8 +314,14 @@ def table(data: dict[str, Any]) -> str:
       rows.append(f"| {r['setting']} | none fits | | | | | | | | |")
       continue
     ratio = r.get("params_ratio_to_none")
+    if "device_fits" in r:   # one compile outside the search
+      label = f"{r['setting']}, one compile"
+      counts = (f"{r['num_experts']} (device {'fits' if r['device_fits'] else 'does not'}; "
+                f"host {'does not' if r['host_fits'] is False else 'fits'})")
+    else:
+      label, counts = r["setting"], f"{r['num_experts']} ({r['smallest_not_fitting']})"
     rows.append(
-        f"| {r['setting']} | {r['num_experts']} ({r['smallest_not_fitting']}) | "
+        f"| {label} | {counts} | "
         f"{r['total_params'] / 1e9:.2f} B | {ratio:.2f} | {gb(r['device_bytes'])} | "
         f"{gb(r['host_bytes'])} ({'yes' if r['host_fits'] else 'no'}) | "
         f"{r['host_limited_experts'] or '-'} | {gb(r['host_to_device_bytes'])} | "
@@ -316,6 +339,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help="compiles per setting (cached ones count)")
   parser.add_argument("--topology", default=TOPOLOGY,
                       help="moe-compile topology (another one wants its own --out)")
+  parser.add_argument("--point", action="append", default=[],
+                      help="also compile SETTING:EXPERTS (repeatable), e.g. "
+                           "optimizer+params+host_update:1280")
   parser.add_argument("--start", default=None,
                       help="first two expert counts, e.g. 32,64 (default: per setting)")
   args = parser.parse_args(argv)
@@ -326,7 +352,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   start = tuple(int(x) for x in args.start.split(",")) if args.start else None
   if start is not None and len(start) != 2:
     parser.error(f"--start takes two counts such as 32,64, got {args.start!r}")
-  data = run(settings, args.out, args.fresh, args.max_compiles, args.topology, start)
+  points = []
+  for spec in args.point:
+    setting, _, experts = spec.rpartition(":")
+    if setting not in SETTINGS or not experts.isdigit():
+      parser.error(f"--point takes SETTING:EXPERTS with SETTING one of {list(SETTINGS)}, "
+                   f"got {spec!r}")
+    points.append((setting, int(experts)))
+  data = run(settings, args.out, args.fresh, args.max_compiles, args.topology, start,
+             points)
   print(json.dumps(data) if args.json else table(data))
   return 0
 
