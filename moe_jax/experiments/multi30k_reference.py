@@ -137,51 +137,82 @@ def score_test_decode(eval_dir: str, task: str, source_lang: str, target_lang: s
 
 
 # --- the pipeline ---------------------------------------------------------------
-def run_model(r: runner_lib.Runner, model: str, directions: str, args) -> dict:
-  """Trains, selects, test-decodes and scores one model; returns its summary."""
-  task, pieces, test_tasks = DIRECTIONS[directions]
+def base_overrides(r: runner_lib.Runner, directions: str, args) -> list[str]:
+  """Trains the vocabulary of ``directions`` (once per ``OUT``), points the
+  tasks at it, and returns the bindings every run of the recipe starts from."""
+  task, pieces, _ = DIRECTIONS[directions]
   pieces = args.vocab_pieces or pieces
   vocab = os.path.join(r.out_dir, f"{task}_bpe{pieces}.model")
   r.train_vocab(vocab, task, pieces, args.vocab_max_examples)
   r.env["MOE_JAX_MULTI30K_VOCAB"] = vocab
-  name = f"{model}_{directions}"
-  overrides = [f"T5Config.vocab_size={vocab_size_for(pieces)}",
-               f"MIXTURE_OR_TASK_NAME='{task}'"]
+  return [f"T5Config.vocab_size={vocab_size_for(pieces)}", f"MIXTURE_OR_TASK_NAME='{task}'"]
+
+
+def test_decode(r: runner_lib.Runner, name: str, gin_files: Sequence[str],
+                overrides: Sequence[str], checkpoint: Optional[str], eval_dir: str,
+                directions: str, args) -> dict:
+  """Beam-decodes ``test_2016_flickr`` with ``checkpoint`` (``None``: the one
+  a gin file names) and scores it: ``{test task: sacreBLEU scores}``."""
+  eval_overrides = [
+      *overrides, *([f"CHECKPOINT_PATH='{checkpoint}'"] if checkpoint else []),
+      "EVAL_SPLIT='test'", "DECODE_METHOD='beam'", f"BEAM_SIZE={args.beam_size}",
+      f"DECODE_ALPHA={args.alpha}", f"MAX_DECODE_LENGTH={args.max_decode_length}",
+      f"EVAL_BATCH_SIZE={args.eval_batch_size}", "COLLECT_ROUTING_STATS=False",
+      *([f"EVAL_MAX_EXAMPLES={args.max_test_examples}"] if args.max_test_examples else [])]
+  r.evaluate(name, ["runs/eval.gin", *gin_files], eval_overrides, eval_dir)
+  if r.dry_run:
+    return {}
+  tests = {}
+  for test_task in DIRECTIONS[directions][2]:
+    src, tgt = re.fullmatch(r"multi30k_translate_(\w\w)_(\w\w)", test_task).groups()
+    tests[test_task] = score_test_decode(eval_dir, test_task, src, tgt,
+                                         args.max_test_examples)
+  return tests
+
+
+def run_model(r: runner_lib.Runner, model: str, directions: str, args, *,
+              name: Optional[str] = None, extra: Sequence[str] = (),
+              gin_files: Optional[Sequence[str]] = None, model_dir: Optional[str] = None,
+              test: bool = True) -> dict:
+  """Trains, selects, test-decodes and scores one model; returns its summary.
+
+  ``name`` (default ``MODEL_DIRECTIONS``), ``extra`` bindings after the
+  recipe's, ``gin_files`` (default the model's), ``model_dir`` (default
+  ``OUT/name``; an existing one is resumed, e.g. an upcycled checkpoint) and
+  ``test=False`` (no test decode: validation figures only) serve the methods
+  driver (``multi30k_methods``).
+  """
+  name = name or f"{model}_{directions}"
+  gin_files = list(gin_files or [GIN[model]])
+  overrides = base_overrides(r, directions, args)
   if args.steps:
     overrides += [f"TRAIN_STEPS={args.steps}"]
   if args.eval_period:
     overrides += [f"EVAL_PERIOD={args.eval_period}", f"CHECKPOINT_PERIOD={args.eval_period}"]
   if args.eval_steps:
     overrides += [f"EVAL_STEPS={args.eval_steps}"]
-  overrides += list(args.gin or ())
-  model_dir = os.path.join(r.out_dir, name)
-  train = r.train(name, [GIN[model]], overrides, model_dir=model_dir)
+  overrides += list(args.gin or ()) + list(extra)
+  model_dir = model_dir or os.path.join(r.out_dir, name)
+  train = r.train(name, gin_files, overrides, model_dir=model_dir)
   if r.dry_run:
     return {}
   bleu_by_step = validation_bleu(model_dir)
   step = best_step(bleu_by_step, saved_steps(model_dir))
   print(f"{name}: validation BLEU by step {dict(sorted(bleu_by_step.items()))}; "
         f"best saved step {step}", flush=True)
-  eval_dir = os.path.join(model_dir, f"test_beam{args.beam_size}_step{step}")
-  eval_overrides = [
-      *overrides, f"CHECKPOINT_PATH='{os.path.join(model_dir, str(step))}'",
-      "EVAL_SPLIT='test'", "DECODE_METHOD='beam'", f"BEAM_SIZE={args.beam_size}",
-      f"DECODE_ALPHA={args.alpha}", f"MAX_DECODE_LENGTH={args.max_decode_length}",
-      f"EVAL_BATCH_SIZE={args.eval_batch_size}", "COLLECT_ROUTING_STATS=False",
-      *([f"EVAL_MAX_EXAMPLES={args.max_test_examples}"] if args.max_test_examples else [])]
-  r.evaluate(f"{name}_test", ["runs/eval.gin", GIN[model]], eval_overrides, eval_dir)
   tests = {}
-  for test_task in test_tasks:
-    src, tgt = re.fullmatch(r"multi30k_translate_(\w\w)_(\w\w)", test_task).groups()
-    tests[test_task] = score_test_decode(eval_dir, test_task, src, tgt,
-                                         args.max_test_examples)
+  if test:
+    tests = test_decode(r, f"{name}_test", gin_files, overrides,
+                        os.path.join(model_dir, str(step)),
+                        os.path.join(model_dir, f"test_beam{args.beam_size}_step{step}"),
+                        directions, args)
   for test_task, s in tests.items():
     print(f"{name} {test_task} test_2016_flickr (beam {args.beam_size}, alpha "
           f"{args.alpha}, step {step}): BLEU {s['bleu']}  [{s['bleu_signature']}]  "
           f"lowercased {s['bleu_lowercase']}  chrF {s['chrf']}", flush=True)
   summary = {
-      "name": f"{name}_summary", "kind": "reference_summary", "model": model,
-      "directions": directions, "gin": GIN[model], "overrides": overrides,
+      "name": f"{name}_summary", "kind": "reference_summary", "run": name, "model": model,
+      "directions": directions, "gin": gin_files[0], "overrides": overrides,
       "train_steps": max(s for s, _ in train.get("train_loss_curve", [(0, 0)])),
       "step_time_ms": train.get("step_time_ms"),
       "validation_bleu_by_step": sorted(bleu_by_step.items()), "best_step": step,
@@ -249,14 +280,12 @@ def write_section(path: str, section: str) -> None:
   os.replace(tmp, path)
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_recipe_flags(p: argparse.ArgumentParser, steps: int = 0, eval_period: int = 0) -> None:
+  """The flags of one recipe run (shared with ``multi30k_methods``)."""
   p.add_argument("--out", default="/tmp/moe_jax_multi30k_reference")
-  p.add_argument("--model", choices=("dense", "moe", "both"), default="dense")
-  p.add_argument("--directions", choices=tuple(DIRECTIONS), default="en_de")
-  p.add_argument("--steps", type=int, default=0, help="TRAIN_STEPS (default: the gin's)")
-  p.add_argument("--eval_period", type=int, default=0,
-                 help="EVAL_PERIOD = CHECKPOINT_PERIOD (default: the gin's)")
+  p.add_argument("--steps", type=int, default=steps, help="TRAIN_STEPS (0: the gin's)")
+  p.add_argument("--eval_period", type=int, default=eval_period,
+                 help="EVAL_PERIOD = CHECKPOINT_PERIOD (0: the gin's)")
   p.add_argument("--eval_steps", type=int, default=0,
                  help="validation batches per decode (default: the whole split)")
   p.add_argument("--beam_size", type=int, default=4)
@@ -268,20 +297,32 @@ def main(argv=None) -> int:
   p.add_argument("--vocab_pieces", type=int, default=0)
   p.add_argument("--vocab_max_examples", type=int, default=0)
   p.add_argument("--gin", action="append", help="extra gin binding (repeatable)")
-  p.add_argument("--markdown", default="", help="page whose recipe section to rewrite")
+  p.add_argument("--markdown", default="", help="page whose section to rewrite")
   p.add_argument("--results", default="", help="copy OUT/results.jsonl here")
   p.add_argument("--dry_run", action="store_true")
-  args = p.parse_args(argv)
 
+
+def make_runner(args) -> runner_lib.Runner:
   data_dir = runner_lib.default_data_dir()
   os.environ["MOE_JAX_DATA_DIR"] = data_dir  # the test references are read here too
-  r = runner_lib.Runner(args.out, env={"MOE_JAX_DATA_DIR": data_dir}, dry_run=args.dry_run)
+  return runner_lib.Runner(args.out, env={"MOE_JAX_DATA_DIR": data_dir}, dry_run=args.dry_run)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  add_recipe_flags(p)
+  p.add_argument("--model", choices=("dense", "moe", "both"), default="dense")
+  p.add_argument("--directions", choices=tuple(DIRECTIONS), default="en_de")
+  args = p.parse_args(argv)
+
+  r = make_runner(args)
   models = ("dense", "moe") if args.model == "both" else (args.model,)
   for model in models:
     run_model(r, model, args.directions, args)
   if args.dry_run:
     return 0
-  summaries = [s for s in r.records().values() if s.get("kind") == "reference_summary"]
+  summaries = [s for s in r.records().values() if s.get("kind") == "reference_summary"
+               and s["name"] == f"{s['model']}_{s['directions']}_summary"]  # not a method's
   summaries.sort(key=lambda s: (s["directions"], s["model"]))
   if args.markdown:
     write_section(args.markdown, render(summaries))

@@ -1,0 +1,103 @@
+"""The methods driver on the Multi30k reference recipe (moe_jax/experiments/multi30k_methods.py).
+
+The trainings are the reference recipe's (tested end to end in
+test_multi30k_reference.py); these tests check what this driver adds: the
+command lines of each suite, the paired bootstrap against BLEU worked by
+hand, and the results table from records with hand-chosen curves.
+"""
+
+import contextlib
+import io
+import math
+
+import pytest
+
+from moe_jax.experiments import multi30k_methods as mm
+
+
+def test_dry_run_lists_every_suite_with_the_short_recipe(tmp_path, shared_data_dir, monkeypatch):
+  monkeypatch.setenv("MOE_JAX_DATA_DIR", shared_data_dir)
+  out = tmp_path / "out"
+  buf = io.StringIO()
+  with contextlib.redirect_stdout(buf):
+    assert mm.main([f"--out={out}", "--suite=all", "--dry_run"]) == 0
+  lines = [l for l in buf.getvalue().splitlines() if l.startswith("+ ")]
+  trains = {l.split("--gin.MODEL_DIR=")[1].split()[0].strip("'").rsplit("/", 1)[1]: l
+            for l in lines if "moe_jax.train" in l}
+  assert set(trains) == {"dense_en_de", "moe_en_de", "eom", "fom", "gating_dropout", "cmr",
+                         "upcycled_en_de"}
+  for line in trains.values():
+    assert "--gin.TRAIN_STEPS=1000" in line and "--gin.EVAL_PERIOD=250" in line
+  assert "runs/multi30k_reference.gin" in trains["dense_en_de"]
+  assert "--gin.MoeConfig.expert_output_masking_rate=0.2" in trains["eom"]
+  assert "ConditionalRoutingConfig" in trains["cmr"]
+  upcycle = next(l for l in lines if "moe_jax.upcycle" in l)
+  assert f"--dense_checkpoint={out}/dense_en_de/500" in upcycle
+  assert "--optimizer_state=carry" in upcycle and "--verify" in upcycle
+  assert "upcycled_model.gin" in trains["upcycled_en_de"]
+  prunes = [l for l in lines if "moe_jax.prune" in l]
+  assert [p.split("--keep=")[1].split()[0] for p in prunes] == ["0.5", "0.25"]
+  assert all("--granularity=global" in p for p in prunes)
+  stats = next(l for l in lines if "moe_jax.eval" in l and "COLLECT_ROUTING_STATS=True" in l)
+  assert "EVAL_SPLIT='validation'" in stats
+
+
+def _hand_bleu(hyps, refs):
+  """Corpus BLEU-4 on whitespace tokens, no smoothing (Papineni et al.)."""
+  import collections  # pylint: disable=g-import-not-at-top
+  matches, totals, hyp_len, ref_len = [0] * 4, [0] * 4, 0, 0
+  for h, r in zip(hyps, refs):
+    h, r = h.split(), r.split()
+    hyp_len, ref_len = hyp_len + len(h), ref_len + len(r)
+    for n in range(1, 5):
+      hc = collections.Counter(tuple(h[i:i + n]) for i in range(len(h) - n + 1))
+      rc = collections.Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
+      matches[n - 1] += sum(min(c, rc[g]) for g, c in hc.items())
+      totals[n - 1] += max(len(h) - n + 1, 0)
+  bp = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
+  return 100 * bp * math.exp(sum(math.log(m / t) for m, t in zip(matches, totals)) / 4)
+
+
+def test_paired_bootstrap_scores_and_significance():
+  refs = [f"a man number {i} rides a red bike down the long road" for i in range(60)]
+  base = [f"a man number {i} rides a bike down the road" for i in range(60)]
+  one_better = [refs[0]] + base[1:]   # one sentence of 60 fixed: within the noise
+  half_better = refs[:30] + base[30:]  # half of them: beyond it
+  res = mm.paired_bootstrap(base, {"one": one_better, "half": half_better}, refs, samples=200)
+  assert res["baseline"]["bleu"] == pytest.approx(_hand_bleu(base, refs), abs=0.01)
+  assert res["half"]["bleu"] == pytest.approx(_hand_bleu(half_better, refs), abs=0.01)
+  assert res["one"]["p_value"] > 0.05
+  assert res["half"]["p_value"] < 0.05
+  assert res["baseline"]["p_value"] is None and res["half"]["ci95"] > res["one"]["ci95"] > 0
+
+
+def _summary(run, val_bleu, val_ce, train_ce, test_bleu=None):
+  return {"name": f"{run}_summary", "kind": "reference_summary", "run": run,
+          "validation_bleu_by_step": list(val_bleu.items()),
+          "validation_ce_curve": list(val_ce.items()), "train_ce_curve": list(train_ce.items()),
+          "test": {"multi30k_translate_en_de": {"bleu": test_bleu, "chrf": 50.0}}
+          if test_bleu is not None else {}}
+
+
+def test_render_rows_gap_and_pruning_table():
+  records = {
+      "moe_en_de_summary": _summary("moe_en_de", {500: 20.0, 1000: 25.0},
+                                    {500: 2.8, 1000: 2.4}, {900: 2.3, 1000: 2.1}, 26.4),
+      "eom_summary": _summary("eom", {500: 19.0, 1000: 25.5}, {500: 2.9, 1000: 2.3},
+                              {1000: 2.25}),
+      "pruning_summary": {"name": "pruning_summary", "kind": "pruning_summary", "rows": [
+          {"keep": 1.0, "test": {"t": {"bleu": 30.9, "chrf": 54.0}}},
+          {"keep": 0.5, "params_after": 3_000_000, "experts_kept": {"a": 4, "b": 4},
+           "test": {"t": {"bleu": 30.1, "chrf": 53.5}}}]},
+  }
+  noise = {"moe_en_de": {"bleu": 25.3, "ci95": 1.4, "p_value": None},
+           "eom": {"bleu": 25.9, "ci95": 1.4, "p_value": 0.2}}
+  text = mm.render(records, noise, steps=1000, period=500)
+  rows = {l.split(" | ")[0].strip("| "): l for l in text.splitlines() if l.startswith("| ")}
+  # val BLEU 500/1000, val CE 500/1000, train CE at 1000, gap 2.4 - 2.1 = 0.30
+  assert rows["moe_en_de"] == ("| moe_en_de | 20.0 / 25.0 | 2.80 / 2.40 | 2.10 | 0.30 | "
+                               "25.3 ± 1.4 | – | 26.4 |")
+  assert "| 0.05 | 25.9 ± 1.4 | 0.200 | – |" in rows["eom"]
+  assert text.index("| moe_en_de |") < text.index("| eom |")  # the method table's order
+  assert "| 50% | 3000000 | 4 | 30.1 | 53.5 |" in text and "| 100% | – | all | 30.9 |" in text
+  assert text.startswith(mm.SECTION_BEGIN) and text.endswith(mm.SECTION_END)
