@@ -8,9 +8,10 @@ hand, and the results table from records with hand-chosen curves.
 
 import contextlib
 import io
-import math
 
 import pytest
+
+import bleu_by_hand
 
 from moe_jax.experiments import multi30k_methods as mm
 
@@ -42,30 +43,14 @@ def test_dry_run_lists_every_suite_with_the_short_recipe(tmp_path, shared_data_d
   assert "EVAL_SPLIT='validation'" in stats
 
 
-def _hand_bleu(hyps, refs):
-  """Corpus BLEU-4 on whitespace tokens, no smoothing (Papineni et al.)."""
-  import collections  # pylint: disable=g-import-not-at-top
-  matches, totals, hyp_len, ref_len = [0] * 4, [0] * 4, 0, 0
-  for h, r in zip(hyps, refs):
-    h, r = h.split(), r.split()
-    hyp_len, ref_len = hyp_len + len(h), ref_len + len(r)
-    for n in range(1, 5):
-      hc = collections.Counter(tuple(h[i:i + n]) for i in range(len(h) - n + 1))
-      rc = collections.Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
-      matches[n - 1] += sum(min(c, rc[g]) for g, c in hc.items())
-      totals[n - 1] += max(len(h) - n + 1, 0)
-  bp = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
-  return 100 * bp * math.exp(sum(math.log(m / t) for m, t in zip(matches, totals)) / 4)
-
-
 def test_paired_bootstrap_scores_and_significance():
   refs = [f"a man number {i} rides a red bike down the long road" for i in range(60)]
   base = [f"a man number {i} rides a bike down the road" for i in range(60)]
   one_better = [refs[0]] + base[1:]   # one sentence of 60 fixed: within the noise
   half_better = refs[:30] + base[30:]  # half of them: beyond it
   res = mm.paired_bootstrap(base, {"one": one_better, "half": half_better}, refs, samples=200)
-  assert res["baseline"]["bleu"] == pytest.approx(_hand_bleu(base, refs), abs=0.01)
-  assert res["half"]["bleu"] == pytest.approx(_hand_bleu(half_better, refs), abs=0.01)
+  assert res["baseline"]["bleu"] == pytest.approx(bleu_by_hand.corpus_bleu(base, refs), abs=0.01)
+  assert res["half"]["bleu"] == pytest.approx(bleu_by_hand.corpus_bleu(half_better, refs), abs=0.01)
   assert res["one"]["p_value"] > 0.05
   assert res["half"]["p_value"] < 0.05
   assert res["baseline"]["p_value"] is None and res["half"]["ci95"] > res["one"]["ci95"] > 0
@@ -87,17 +72,18 @@ def test_render_rows_gap_and_pruning_table():
                               {1000: 2.25}),
       "pruning_summary": {"name": "pruning_summary", "kind": "pruning_summary", "rows": [
           {"keep": 1.0, "test": {"t": {"bleu": 30.9, "chrf": 54.0}}},
-          {"keep": 0.5, "params_after": 3_000_000, "experts_kept": {"a": 4, "b": 4},
+          {"keep": 0.5, "params_before": 5_120_000, "params_after": 3_000_000, "experts_kept": {"a": 4, "b": 4},
            "test": {"t": {"bleu": 30.1, "chrf": 53.5}}}]},
   }
   noise = {"moe_en_de": {"bleu": 25.3, "ci95": 1.4, "p_value": None},
            "eom": {"bleu": 25.9, "ci95": 1.4, "p_value": 0.2}}
-  text = mm.render(records, noise, steps=1000, period=500)
+  text = mm.render(records, noise, steps=1000, period=500,
+                   noise_vs_dense={"eom": {"bleu": 25.9, "ci95": 1.4, "p_value": 0.01}})
   rows = {l.split(" | ")[0].strip("| "): l for l in text.splitlines() if l.startswith("| ")}
   # val BLEU 500/1000, val CE 500/1000, train CE at 1000, gap 2.4 - 2.1 = 0.30
   assert rows["moe_en_de"] == ("| moe_en_de | 20.0 / 25.0 | 2.80 / 2.40 | 2.10 | 0.30 | "
-                               "25.3 ± 1.4 | – | 26.4 |")
-  assert "| 0.05 | 25.9 ± 1.4 | 0.200 | – |" in rows["eom"]
+                               "25.3 ± 1.4 | – | – | 26.4 |")
+  assert "| 0.05 | 25.9 ± 1.4 | 0.200 | 0.010 | – |" in rows["eom"]
   assert text.index("| moe_en_de |") < text.index("| eom |")  # the method table's order
-  assert "| 50% | 3000000 | 4 | 30.1 | 53.5 |" in text and "| 100% | – | all | 30.9 |" in text
+  assert "| 50% | 3.00 M | 4 | 30.1 | 53.5 |" in text and "| 100% | 5.12 M | all | 30.9 |" in text
   assert text.startswith(mm.SECTION_BEGIN) and text.endswith(mm.SECTION_END)

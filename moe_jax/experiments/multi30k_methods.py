@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 from typing import Optional, Sequence
 
 from moe_jax.experiments import multi30k_reference as ref
@@ -196,13 +195,17 @@ def _f(value: Optional[float], digits: int = 2) -> str:
 
 
 def _summaries(records: dict) -> dict[str, dict]:
-  return {s["run"]: s for s in records.values()
-          if s.get("kind") == "reference_summary" and "run" in s}
+  """``{run: summary}``; a summary written before the ``run`` field was
+  named ``RUN_summary``."""
+  return {s.get("run", s["name"][:-len("_summary")]): s for s in records.values()
+          if s.get("kind") == "reference_summary"}
 
 
 def render(records: dict, noise: Optional[dict], steps: int = SHORT_STEPS,
-           period: int = SHORT_EVAL_PERIOD) -> str:
-  """The methods' section of docs/experiments.md from the records of ``OUT``."""
+           period: int = SHORT_EVAL_PERIOD, noise_vs_dense: Optional[dict] = None) -> str:
+  """The methods' section of docs/experiments.md from the records of ``OUT``;
+  ``noise``: :func:`validation_noise` against the MoE baseline (``BLEU
+  (bootstrap)`` and ``p vs moe``), ``noise_vs_dense`` against the dense one."""
   runs = _summaries(records)
   evals = list(range(period, steps + 1, period))
   lines = [SECTION_BEGIN, "",
@@ -210,11 +213,12 @@ def render(records: dict, noise: Optional[dict], steps: int = SHORT_STEPS,
            "logged training cross-entropy (dropout on) at that step; gap = validation "
            "CE - train CE at the last step (a growing gap or a validation CE rising from "
            "its minimum is over-fitting). Bootstrap: sacreBLEU paired bootstrap (1,000 "
-           "resamples) of the last validation decode against `moe_en_de`'s; ±: half "
+           "resamples) of the last validation decode against `moe_en_de`'s (p vs dense: "
+           "against `dense_en_de`'s); ±: half "
            "the 95% interval (the validation set's sampling noise, not a seed spread).",
            "", "| run | val BLEU " + " / ".join(str(e) for e in evals) + " | val CE "
            + " / ".join(str(e) for e in evals) + " | train CE | gap | BLEU (bootstrap) "
-           "| p vs moe | test BLEU |", "|---|---|---|---|---|---|---|---|"]
+           "| p vs moe | p vs dense | test BLEU |", "|---|---|---|---|---|---|---|---|---|"]
   order = [run_name(m, 0) for m in REGULARIZATION] + ["upcycled_en_de"]
   order += sorted(set(runs) - set(order))
   for name in order:
@@ -232,35 +236,26 @@ def render(records: dict, noise: Optional[dict], steps: int = SHORT_STEPS,
         + f" | {_f(last_train)} | {_f(gap)} | "
         + (f"{n['bleu']:.1f} ± {n['ci95']:.1f}" if n.get("ci95") is not None
            else _f(n.get("bleu"), 1))
-        + f" | {_f(n.get('p_value'), 3)} | {_f(test.get('bleu'), 1)} |")
+        + f" | {_f(n.get('p_value'), 3)} | "
+        f"{_f((noise_vs_dense or {}).get(name, {}).get('p_value'), 3)} | "
+        f"{_f(test.get('bleu'), 1)} |")
   pruning = next((r for r in records.values() if r.get("kind") == "pruning_summary"), None)
   if pruning:
     lines += ["", "Expert pruning (global, importance scores from the routing statistics on "
               "`val`; beam 4 test decode):", "",
               "| experts kept | parameters | experts per MoE layer | test BLEU | chrF |",
               "|---|---|---|---|---|"]
+    before = next((row["params_before"] for row in pruning["rows"] if "params_before" in row),
+                  None)
     for row in pruning["rows"]:
       test = next(iter(row["test"].values()))
       per_layer = sorted(set(row.get("experts_kept", {}).values()))
+      params = row.get("params_after", before)
       lines.append(
-          f"| {row['keep']:.0%} | {row.get('params_after', '–')} | "
+          f"| {row['keep']:.0%} | {'–' if params is None else f'{params / 1e6:.2f} M'} | "
           f"{', '.join(map(str, per_layer)) or 'all'} | {test['bleu']:.1f} | {test['chrf']:.1f} |")
   lines += ["", SECTION_END]
   return "\n".join(lines)
-
-
-def write_section(path: str, section: str) -> None:
-  """Replaces the methods' section of ``path`` (appends it when missing)."""
-  text = open(path).read() if os.path.exists(path) else ""
-  if SECTION_BEGIN in text and SECTION_END in text:
-    head, rest = text.split(SECTION_BEGIN, 1)
-    text = head + section + rest.split(SECTION_END, 1)[1]
-  else:
-    text = text.rstrip("\n") + ("\n\n" if text else "") + section + "\n"
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -285,16 +280,14 @@ def main(argv=None) -> int:
   if r.dry_run:
     return 0
   records = r.records()
-  noise = validation_noise(r, sorted(_summaries(records)), step=args.steps)
+  runs = sorted(_summaries(records))
+  noise = validation_noise(r, runs, step=args.steps)
+  noise_vs_dense = validation_noise(r, runs, baseline="dense_en_de", step=args.steps)
   if noise:
     r.record({"name": "validation_bootstrap", "kind": "bootstrap", "step": args.steps,
-              "results": noise})
-  if args.markdown:
-    write_section(args.markdown, render(r.records(), noise, args.steps, args.eval_period))
-    print(f"Wrote the methods section of {args.markdown}", flush=True)
-  if args.results:
-    shutil.copyfile(r.results_path, args.results)
-    print(f"Copied {r.results_path} to {args.results}", flush=True)
+              "results": noise, "results_vs_dense": noise_vs_dense})
+  ref.publish(r, args, render(r.records(), noise, args.steps, args.eval_period,
+                              noise_vs_dense), SECTION_BEGIN, SECTION_END)
   return 0
 
 

@@ -265,12 +265,14 @@ def render(summaries: Sequence[dict]) -> str:
   return "\n".join(lines)
 
 
-def write_section(path: str, section: str) -> None:
-  """Replaces the recipe's section of ``path`` (appends it when missing)."""
+def write_section(path: str, section: str, begin: str = SECTION_BEGIN,
+                  end: str = SECTION_END) -> None:
+  """Replaces the section of ``path`` between ``begin`` and ``end`` (the
+  recipe's by default; appends it when missing)."""
   text = open(path).read() if os.path.exists(path) else ""
-  if SECTION_BEGIN in text and SECTION_END in text:
-    head, rest = text.split(SECTION_BEGIN, 1)
-    tail = rest.split(SECTION_END, 1)[1]
+  if begin in text and end in text:
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
     text = head + section + tail
   else:
     text = text.rstrip("\n") + ("\n\n" if text else "") + section + "\n"
@@ -278,6 +280,17 @@ def write_section(path: str, section: str) -> None:
   with open(tmp, "w") as f:
     f.write(text)
   os.replace(tmp, path)
+
+
+def publish(r: runner_lib.Runner, args, section: str, begin: str = SECTION_BEGIN,
+            end: str = SECTION_END) -> None:
+  """``--markdown``: rewrites the page's section; ``--results``: copies the records."""
+  if args.markdown:
+    write_section(args.markdown, section, begin, end)
+    print(f"Wrote the section {begin!r} of {args.markdown}", flush=True)
+  if args.results:
+    shutil.copyfile(r.results_path, args.results)
+    print(f"Copied {r.results_path} to {args.results}", flush=True)
 
 
 def add_recipe_flags(p: argparse.ArgumentParser, steps: int = 0, eval_period: int = 0) -> None:
@@ -324,12 +337,7 @@ def main(argv=None) -> int:
   summaries = [s for s in r.records().values() if s.get("kind") == "reference_summary"
                and s["name"] == f"{s['model']}_{s['directions']}_summary"]  # not a method's
   summaries.sort(key=lambda s: (s["directions"], s["model"]))
-  if args.markdown:
-    write_section(args.markdown, render(summaries))
-    print(f"Wrote the recipe section of {args.markdown}", flush=True)
-  if args.results:
-    shutil.copyfile(r.results_path, args.results)
-    print(f"Copied {r.results_path} to {args.results}", flush=True)
+  publish(r, args, render(summaries))
   return 0
 
 
