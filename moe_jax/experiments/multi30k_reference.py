@@ -148,7 +148,7 @@ def base_overrides(r: runner_lib.Runner, directions: str, args) -> list[str]:
   return [f"T5Config.vocab_size={vocab_size_for(pieces)}", f"MIXTURE_OR_TASK_NAME='{task}'"]
 
 
-def test_decode(r: runner_lib.Runner, name: str, gin_files: Sequence[str],
+def decode_test_split(r: runner_lib.Runner, name: str, gin_files: Sequence[str],
                 overrides: Sequence[str], checkpoint: Optional[str], eval_dir: str,
                 directions: str, args) -> dict:
   """Beam-decodes ``test_2016_flickr`` with ``checkpoint`` (``None``: the one
@@ -202,7 +202,7 @@ def run_model(r: runner_lib.Runner, model: str, directions: str, args, *,
         f"best saved step {step}", flush=True)
   tests = {}
   if test:
-    tests = test_decode(r, f"{name}_test", gin_files, overrides,
+    tests = decode_test_split(r, f"{name}_test", gin_files, overrides,
                         os.path.join(model_dir, str(step)),
                         os.path.join(model_dir, f"test_beam{args.beam_size}_step{step}"),
                         directions, args)
