@@ -139,9 +139,10 @@ def run_pruning(r, args, model_dir: str, fractions: Sequence[float] = PRUNE_KEEP
 
 # --- noise: paired bootstrap on the validation decodes ------------------------------
 def validation_predictions(model_dir: str, step: int,
-                           task: str = "multi30k_translate_en_de") -> list[dict]:
-  return ref.read_predictions(os.path.join(model_dir, "eval_decode", str(step),
-                                           "predictions", f"{task}.jsonl"))
+                           task: str = "multi30k_translate_en_de") -> Optional[list[dict]]:
+  """The training-time validation decode of ``step`` (``None`` when absent)."""
+  path = os.path.join(model_dir, "eval_decode", str(step), "predictions", f"{task}.jsonl")
+  return ref.read_predictions(path) if os.path.exists(path) else None
 
 
 def paired_bootstrap(baseline: Sequence[str], systems: dict[str, Sequence[str]],
@@ -163,28 +164,35 @@ def paired_bootstrap(baseline: Sequence[str], systems: dict[str, Sequence[str]],
   return out
 
 
-def validation_noise(r, names: Sequence[str], baseline: str = "moe_en_de",
-                     step: int = SHORT_STEPS) -> Optional[dict]:
-  """Paired bootstrap of ``names``' step-``step`` validation decodes against
-  ``baseline``'s, on the references of the validation file."""
+def validation_noise(r, names: Sequence[str],
+                     baselines: Sequence[str] = ("moe_en_de", "dense_en_de"),
+                     step: int = SHORT_STEPS) -> dict[str, Optional[dict]]:
+  """``{baseline: paired bootstrap of names' step-``step`` validation decodes
+  against the baseline's}`` (``None`` where the baseline's decode is missing),
+  on the references of the validation file. Each decode is read once."""
   from tasks import multi30k  # pylint: disable=g-import-not-at-top
-  dirs = {n: os.path.join(r.out_dir, n) for n in (baseline, *names)}
-  have = {n: d for n, d in dirs.items() if os.path.exists(os.path.join(
-      d, "eval_decode", str(step), "predictions", "multi30k_translate_en_de.jsonl"))}
-  if baseline not in have or len(have) < 2:
-    return None
+  decodes = {}
+  for n in dict.fromkeys((*baselines, *names)):
+    preds = validation_predictions(os.path.join(r.out_dir, n), step)
+    if preds is not None:
+      decodes[n] = preds
+  if not decodes:
+    return {b: None for b in baselines}
   columns, _ = multi30k.read_split("validation", ("en", "de"))
-  base = validation_predictions(have[baseline], step)
-  refs = ref.references_for(base, columns["en"], columns["de"])
-  systems = {}
-  for n in names:
-    if n in have and n != baseline:
-      preds = validation_predictions(have[n], step)
-      ref.references_for(preds, columns["en"], columns["de"])  # same order
-      systems[n] = [p["prediction"] for p in preds]
-  res = paired_bootstrap([p["prediction"] for p in base], systems, refs)
-  res[baseline] = res.pop("baseline")
-  return res
+  refs = {n: ref.references_for(p, columns["en"], columns["de"])  # checks the order
+          for n, p in decodes.items()}
+  out = {}
+  for baseline in baselines:
+    systems = {n: [p["prediction"] for p in decodes[n]] for n in names
+               if n in decodes and n != baseline}
+    if baseline not in decodes or not systems:
+      out[baseline] = None
+      continue
+    res = paired_bootstrap([p["prediction"] for p in decodes[baseline]], systems,
+                           refs[baseline])
+    res[baseline] = res.pop("baseline")
+    out[baseline] = res
+  return out
 
 
 # --- the results page -------------------------------------------------------------
@@ -231,7 +239,7 @@ def render(records: dict, noise: Optional[dict], steps: int = SHORT_STEPS,
     last_val, last_train = _at(val_ce, steps), _at(train_ce, steps)
     gap = None if last_val is None or last_train is None else last_val - last_train
     n = (noise or {}).get(name, {})
-    test = next(iter(s["test"].values()), {}) if s.get("test") else {}
+    test = next(iter((s.get("test") or {}).values()), {})
     lines.append(
         f"| {name} | " + " / ".join(_f(_at(s["validation_bleu_by_step"], e), 1) for e in evals)
         + " | " + " / ".join(_f(_at(val_ce, e)) for e in evals)
@@ -283,8 +291,8 @@ def main(argv=None) -> int:
     return 0
   records = r.records()
   runs = sorted(_summaries(records))
-  noise = validation_noise(r, runs, step=args.steps)
-  noise_vs_dense = validation_noise(r, runs, baseline="dense_en_de", step=args.steps)
+  noise_by_baseline = validation_noise(r, runs, step=args.steps)
+  noise, noise_vs_dense = noise_by_baseline["moe_en_de"], noise_by_baseline["dense_en_de"]
   if noise:
     r.record({"name": "validation_bootstrap", "kind": "bootstrap", "step": args.steps,
               "results": noise, "results_vs_dense": noise_vs_dense})
