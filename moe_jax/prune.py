@@ -51,21 +51,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   return args
 
 
-def save_params_checkpoint(path: str, params) -> str:
-  """Writes ``{"params": params}`` as an Orbax pytree at ``path``."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = os.path.abspath(path)
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(path, {"params": params}, force=True)
-  ckptr.wait_until_finished()
-  return path
-
-
 def prune_checkpoint(model_config, params, stats, spec, output: str) -> dict:
   """Prunes ``params`` by ``spec`` and writes OUTPUT/{checkpoint, pruned.gin,
   pruning.json}; returns the summary written to pruning.json."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from moe_jax.checkpoints.params_only import save_params_checkpoint  # pylint: disable=g-import-not-at-top
   from moe_jax.evaluation import pruning  # pylint: disable=g-import-not-at-top
   layers = pruning.moe_layer_paths(params)
   missing = [l for l in layers if l not in stats.layers()]

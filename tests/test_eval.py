@@ -14,7 +14,7 @@ from moe_jax import gin_utils
 from moe_jax import models
 from moe_jax.evaluation import evaluator, gin_setup, inference
 from moe_jax.evaluation import routing_stats as rs
-from moe_jax.prune import save_params_checkpoint
+from moe_jax.checkpoints.params_only import save_params_checkpoint
 import tasks  # noqa: F401  (registers seqio tasks before any gin config is locked)
 
 TASK = "synthetic_translate_xa_xb"

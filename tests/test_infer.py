@@ -76,7 +76,7 @@ def test_moe_infer_takes_the_model_from_the_runs_config(tmp_path, capsys):
   import gin  # pylint: disable=g-import-not-at-top
   import tasks.synthetic  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   from moe_jax import gin_utils  # pylint: disable=g-import-not-at-top
-  from moe_jax.prune import save_params_checkpoint  # pylint: disable=g-import-not-at-top
+  from moe_jax.checkpoints.params_only import save_params_checkpoint  # pylint: disable=g-import-not-at-top
   run = tmp_path / "run"
   gin_utils.parse_gin(["runs/quickstart.gin"], [f"MODEL_DIR = '{run}'"])
   run.mkdir()

@@ -84,6 +84,22 @@ def test_write_section_replaces_only_the_recipe_section(tmp_path):
   assert text.count(ref.SECTION_BEGIN) == 1
 
 
+def test_runs_of_other_lengths_stay_in_the_results(tmp_path):
+  def summary(model, steps, bleu):
+    return {"name": f"{model}_en_de_summary", "kind": "reference_summary", "model": model,
+            "directions": "en_de", "train_steps": steps, "bleu": bleu}
+  old = tmp_path / "old.jsonl"
+  old.write_text("".join(json.dumps(r) + "\n" for r in (
+      {"name": "dense_en_de", "kind": "train"}, summary("dense", 2000, 1.0),
+      summary("moe", 2000, 2.0), summary("moe", 2000, 2.5))))  # the newest row wins
+  kept = ref.older_runs(str(old), [summary("dense", 3000, 3.0)])
+  assert [(k["model"], k["train_steps"], k["bleu"]) for k in kept] == [
+      ("dense", 2000, 1.0), ("moe", 2000, 2.5)]
+  kept = ref.older_runs(str(old), [summary("dense", 2000, 3.0)])  # a rerun replaces
+  assert [(k["model"], k["bleu"]) for k in kept] == [("moe", 2.5)]
+  assert ref.older_runs(str(tmp_path / "missing.jsonl"), []) == []
+
+
 def test_the_end_to_end_command_on_a_slice(tmp_path, shared_data_dir):
   """The MoE twin through vocabulary, training, selection, beam decode and
   sacreBLEU: 4 steps, 64 validation and 8 test sentences, a 500-piece vocabulary.
@@ -96,6 +112,7 @@ def test_the_end_to_end_command_on_a_slice(tmp_path, shared_data_dir):
   cmd = [sys.executable, "-m", "moe_jax.experiments.multi30k_reference",
          f"--out={out}", "--model=moe", "--steps=4", "--eval_period=2", "--eval_steps=1",
          "--max_test_examples=8", "--beam_size=2", "--max_decode_length=16",
+         "--average_last=2", "--eval_batch_size=16",
          "--vocab_pieces=500", "--vocab_max_examples=2000", "--gin=LOG_PERIOD=2",
          "--gin=BATCH_SIZE=16", f"--markdown={page}", f"--results={results}"]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
@@ -110,15 +127,31 @@ def test_the_end_to_end_command_on_a_slice(tmp_path, shared_data_dir):
     test = s["test"]["multi30k_translate_en_de"]
     assert test["examples"] == 8
     assert test["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
-    # The decode really was a beam search, from the chosen step's checkpoint.
-    eval_dir = out / f"{model}_en_de" / f"test_beam2_step{s['best_step']}"
+    # The best step and the average of steps 2 and 4 (moe-average) were both
+    # decoded on 16 validation sentences; the better one was test-decoded.
+    run_dir = out / f"{model}_en_de"
+    assert json.loads((run_dir / "average_last2" / "averaging.json").read_text())[
+        "steps"] == [2, 4]
+    labels = {f"step {s['best_step']}": f"step{s['best_step']}",
+              "average of steps 2-4": "averageofsteps2-4"}
+    assert set(s["selection"]) == set(labels)
+    for label, bleu in s["selection"].items():
+      metrics = json.loads((run_dir / f"validation_{label.replace(' ', '_')}"
+                            / "metrics.json").read_text())
+      assert metrics["multi30k_translate_en_de"]["bleu"] == pytest.approx(bleu)
+    assert s["test_checkpoint"] == max(s["selection"], key=lambda k: (
+        s["selection"][k], k.startswith("average")))
+    # The decode really was a beam search, from the chosen checkpoint.
+    eval_dir = run_dir / f"test_beam2_{labels[s['test_checkpoint']]}"
     preds = [json.loads(x) for x in
              (eval_dir / "predictions" / "multi30k_translate_en_de.jsonl").read_text().splitlines()]
     assert len(preds) == 8
     assert s["test"]["multi30k_translate_en_de"]["bleu"] == pytest.approx(
         _sacrebleu([p["prediction"] for p in preds], shared_data_dir), abs=0.01)
     log = (out / f"{model}_en_de_test.log").read_text()
-    assert f"step{s['best_step']}" in eval_dir.name and "test split" in log
+    chosen = (run_dir / "average_last2" / "checkpoint" if s["test_checkpoint"].startswith(
+        "average") else run_dir / str(s["best_step"]))
+    assert f"moe-eval: {chosen} on the test split" in log
     assert "beam search (beam 2, alpha 0.6), max length 16" in log
   text = page.read_text()
   assert ref.SECTION_BEGIN in text and "| moe | en_de | 4 |" in text and "tok:13a" in text

@@ -13,7 +13,7 @@ from moe_jax.evaluation import inference, pruning
 from moe_jax.evaluation import routing_stats as rs
 from moe_jax.layers.moe_config import MoeConfig
 from moe_jax.models.config import SparseLayout, T5Config
-from moe_jax.prune import save_params_checkpoint
+from moe_jax.checkpoints.params_only import save_params_checkpoint
 
 E, K, D, F = 4, 1, 16, 8
 

@@ -11,7 +11,9 @@ Switch twin ``runs/multi30k_reference_moe.gin``; ``both``) goes through:
    training text of the task (skipped when ``OUT`` already has it);
 2. ``moe-train``: greedy BLEU on the whole validation split every
    ``EVAL_PERIOD`` steps, a checkpoint at each of those steps;
-3. the checkpoint with the best validation BLEU (among those kept);
+3. the checkpoint with the best validation BLEU (among those kept), or, with
+   ``--average_last N``, the mean of the last N checkpoints (``moe-average``)
+   when its validation BLEU is higher still (both decoded by ``moe-eval``);
 4. ``moe-eval`` on ``test_2016_flickr`` with beam search (beam 4, GNMT length
    penalty 0.6, T5X's translation defaults);
 5. sacreBLEU on the detokenized output against the reference file, printed
@@ -170,6 +172,38 @@ def decode_test_split(r: runner_lib.Runner, name: str, gin_files: Sequence[str],
   return tests
 
 
+def choose_checkpoint(r: runner_lib.Runner, name: str, gin_files: Sequence[str],
+                      overrides: Sequence[str], model_dir: str, step: int, args
+                      ) -> tuple[str, str, dict]:
+  """The best single checkpoint (``step``) or the average of the last
+  ``--average_last`` saved ones (``moe-average``), whichever has the higher
+  greedy validation BLEU, both decoded by ``moe-eval`` with the same
+  settings; returns ``(label, checkpoint path, {label: validation BLEU})``."""
+  saved = saved_steps(model_dir)
+  n = min(args.average_last, len(saved))
+  average_dir = os.path.join(model_dir, f"average_last{n}")
+  r.run_tool(f"{name}_average", "average", [
+      f"--model_dir={model_dir}", f"--last={n}", f"--output={average_dir}", "--overwrite"])
+  candidates = {f"step {step}": os.path.join(model_dir, str(step)),
+                f"average of steps {saved[-n]}-{saved[-1]}": os.path.join(average_dir,
+                                                                       "checkpoint")}
+  bleu = {}
+  for label, path in candidates.items():
+    tag = label.replace(" ", "_")
+    result = r.evaluate(f"{name}_validation_{tag}", ["runs/eval.gin", *gin_files], [
+        *overrides, f"CHECKPOINT_PATH='{path}'", "EVAL_SPLIT='validation'",
+        "DECODE_METHOD='greedy'", f"EVAL_BATCH_SIZE={args.eval_batch_size}",
+        "COLLECT_ROUTING_STATS=False",
+        *([f"EVAL_MAX_EXAMPLES={args.eval_steps * args.eval_batch_size}"]
+          if args.eval_steps else [])], os.path.join(model_dir, f"validation_{tag}"))
+    bleu[label] = None if r.dry_run else result["mean_bleu"]
+  if r.dry_run:
+    return f"step {step}", candidates[f"step {step}"], {}
+  chosen = max(bleu, key=lambda k: (bleu[k], k.startswith("average")))
+  print(f"{name}: greedy validation BLEU {bleu}; test-decoding the {chosen}", flush=True)
+  return chosen, candidates[chosen], bleu
+
+
 def run_model(r: runner_lib.Runner, model: str, directions: str, args, *,
               name: Optional[str] = None, extra: Sequence[str] = (),
               gin_files: Optional[Sequence[str]] = None, model_dir: Optional[str] = None,
@@ -200,15 +234,19 @@ def run_model(r: runner_lib.Runner, model: str, directions: str, args, *,
   step = best_step(bleu_by_step, saved_steps(model_dir))
   print(f"{name}: validation BLEU by step {dict(sorted(bleu_by_step.items()))}; "
         f"best saved step {step}", flush=True)
+  chosen, checkpoint, selection = f"step {step}", os.path.join(model_dir, str(step)), {}
+  if args.average_last > 1 and test:
+    chosen, checkpoint, selection = choose_checkpoint(r, name, gin_files, overrides,
+                                                      model_dir, step, args)
   tests = {}
   if test:
-    tests = decode_test_split(r, f"{name}_test", gin_files, overrides,
-                        os.path.join(model_dir, str(step)),
-                        os.path.join(model_dir, f"test_beam{args.beam_size}_step{step}"),
-                        directions, args)
+    label = chosen.replace(" ", "")
+    tests = decode_test_split(r, f"{name}_test", gin_files, overrides, checkpoint,
+                              os.path.join(model_dir, f"test_beam{args.beam_size}_{label}"),
+                              directions, args)
   for test_task, s in tests.items():
     print(f"{name} {test_task} test_2016_flickr (beam {args.beam_size}, alpha "
-          f"{args.alpha}, step {step}): BLEU {s['bleu']}  [{s['bleu_signature']}]  "
+          f"{args.alpha}, {chosen}): BLEU {s['bleu']}  [{s['bleu_signature']}]  "
           f"lowercased {s['bleu_lowercase']}  chrF {s['chrf']}", flush=True)
   summary = {
       "name": f"{name}_summary", "kind": "reference_summary", "run": name, "model": model,
@@ -216,6 +254,7 @@ def run_model(r: runner_lib.Runner, model: str, directions: str, args, *,
       "train_steps": max(s for s, _ in train.get("train_loss_curve", [(0, 0)])),
       "step_time_ms": train.get("step_time_ms"),
       "validation_bleu_by_step": sorted(bleu_by_step.items()), "best_step": step,
+      "test_checkpoint": chosen, "selection": selection,
       "train_ce_curve": train.get("train_loss_curve"),
       "validation_ce_curve": train.get("eval_loss_curve"),
       "decode": {"method": "beam", "beam_size": args.beam_size, "alpha": args.alpha,
@@ -250,7 +289,7 @@ def render(summaries: Sequence[dict]) -> str:
     t0 = next(iter(s["test"].values()))
     step_s = (s.get("step_time_ms") or 0) / 1000
     lines += [
-        f"**{s['model']} ({s['directions']})**: `{s['gin']}`"
+        f"**{s['model']} ({s['directions']}, {s['train_steps']} steps)**: `{s['gin']}`"
         + (f" + `{' '.join(o for o in s['overrides'] if 'vocab_size' not in o)}`"
            if s["overrides"] else ""),
         f"- validation BLEU (greedy) by step: {_curve(s['validation_bleu_by_step'])}"
@@ -259,6 +298,9 @@ def render(summaries: Sequence[dict]) -> str:
            if step_s else ""),
         f"- train CE (with dropout) by step: {_curve(s['train_ce_curve'][4::5] or s['train_ce_curve'], 2)}",
         f"- validation CE by step: {_curve(s['validation_ce_curve'], 2)}",
+        *([f"- test checkpoint: the {s['test_checkpoint']} (greedy validation BLEU "
+           f"by moe-eval: {', '.join(f'{k} {v:.2f}' for k, v in s['selection'].items())})"]
+          if s.get("selection") else []),
         f"- test decode: beam {s['decode']['beam_size']}, alpha {s['decode']['alpha']}; "
         f"sacreBLEU signature `{t0['bleu_signature']}`", ""]
   lines.append(SECTION_END)
@@ -283,14 +325,44 @@ def write_section(path: str, section: str, begin: str = SECTION_BEGIN,
 
 
 def publish(r: runner_lib.Runner, args, section: str, begin: str = SECTION_BEGIN,
-            end: str = SECTION_END) -> None:
-  """``--markdown``: rewrites the page's section; ``--results``: copies the records."""
+            end: str = SECTION_END, keep: Sequence[dict] = ()) -> None:
+  """``--markdown``: rewrites the page's section; ``--results``: writes the
+  records there (``keep``: older rows to put first, e.g. other lengths' runs)."""
   if args.markdown:
     write_section(args.markdown, section, begin, end)
     print(f"Wrote the section {begin!r} of {args.markdown}", flush=True)
   if args.results:
-    shutil.copyfile(r.results_path, args.results)
-    print(f"Copied {r.results_path} to {args.results}", flush=True)
+    if keep:
+      with open(r.results_path) as f:
+        new = f.read()
+      tmp = args.results + ".tmp"
+      with open(tmp, "w") as f:
+        f.write("".join(json.dumps(row, sort_keys=True) + "\n" for row in keep) + new)
+      os.replace(tmp, args.results)
+    else:
+      shutil.copyfile(r.results_path, args.results)
+    print(f"Wrote {r.results_path}'s records to {args.results}", flush=True)
+
+
+def _length_key(summary: dict) -> tuple:
+  return summary["model"], summary["directions"], summary["train_steps"]
+
+
+def older_runs(results_path: str, summaries: Sequence[dict]) -> list[dict]:
+  """The summary rows of an earlier ``--results`` file for recipe runs of
+  another length (model, directions, steps) than ``summaries`` (the newest
+  row of each): they stay in the table and in the file (a summary holds the
+  run's curves, overrides and test scores)."""
+  if not results_path or not os.path.exists(results_path):
+    return []
+  with open(results_path) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  done = {_length_key(s) for s in summaries}
+  newest = {}
+  for row in rows:
+    if row.get("kind") == "reference_summary" and _length_key(row) not in done:
+      newest[_length_key(row)] = row
+  return list(newest.values())
 
 
 def add_recipe_flags(p: argparse.ArgumentParser, steps: int = 0, eval_period: int = 0) -> None:
@@ -301,6 +373,9 @@ def add_recipe_flags(p: argparse.ArgumentParser, steps: int = 0, eval_period: in
                  help="EVAL_PERIOD = CHECKPOINT_PERIOD (0: the gin's)")
   p.add_argument("--eval_steps", type=int, default=0,
                  help="validation batches per decode (default: the whole split)")
+  p.add_argument("--average_last", type=int, default=0,
+                 help="also try the average of the last N checkpoints (moe-average) "
+                      "and test-decode whichever has the better validation BLEU")
   p.add_argument("--beam_size", type=int, default=4)
   p.add_argument("--alpha", type=float, default=0.6)
   p.add_argument("--max_decode_length", type=int, default=64)
@@ -336,8 +411,10 @@ def main(argv=None) -> int:
     return 0
   summaries = [s for s in r.records().values() if s.get("kind") == "reference_summary"
                and s["name"] == f"{s['model']}_{s['directions']}_summary"]  # not a method's
-  summaries.sort(key=lambda s: (s["directions"], s["model"]))
-  publish(r, args, render(summaries))
+  keep = older_runs(args.results, summaries)
+  summaries += keep
+  summaries.sort(key=lambda s: (s["directions"], s["model"], -s["train_steps"]))
+  publish(r, args, render(summaries), keep=keep)
   return 0
 
 
