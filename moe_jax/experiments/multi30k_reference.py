@@ -298,7 +298,7 @@ def render(summaries: Sequence[dict]) -> str:
            if step_s else ""),
         f"- train CE (with dropout) by step: {_curve(s['train_ce_curve'][4::5] or s['train_ce_curve'], 2)}",
         f"- validation CE by step: {_curve(s['validation_ce_curve'], 2)}",
-        *([f"- test checkpoint: the {s['test_checkpoint']} (greedy validation BLEU "
+        *([f"- test checkpoint: {s['test_checkpoint']} (greedy validation BLEU "
            f"by moe-eval: {', '.join(f'{k} {v:.2f}' for k, v in s['selection'].items())})"]
           if s.get("selection") else []),
         f"- test decode: beam {s['decode']['beam_size']}, alpha {s['decode']['alpha']}; "
