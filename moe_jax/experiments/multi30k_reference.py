@@ -181,6 +181,8 @@ def choose_checkpoint(r: runner_lib.Runner, name: str, gin_files: Sequence[str],
   settings; returns ``(label, checkpoint path, {label: validation BLEU})``."""
   saved = saved_steps(model_dir)
   n = min(args.average_last, len(saved))
+  if n < 2:  # nothing to average
+    return f"step {step}", os.path.join(model_dir, str(step)), {}
   average_dir = os.path.join(model_dir, f"average_last{n}")
   r.run_tool(f"{name}_average", "average", [
       f"--model_dir={model_dir}", f"--last={n}", f"--output={average_dir}", "--overwrite"])
