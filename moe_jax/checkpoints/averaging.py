@@ -16,24 +16,17 @@ their dtype; integer leaves must be equal in every checkpoint.
 from __future__ import annotations
 
 import os
-import re
 from typing import Optional, Sequence
 
 import numpy as np
 
-from moe_jax.checkpoints import params_only
+from moe_jax.checkpoints import params_only, restore
 from moe_jax.checkpoints.restore import CheckpointMismatchError
 
 
 def run_steps(model_dir: str) -> list[int]:
-  """Steps of ``model_dir`` with a committed checkpoint, ascending (Orbax
-  writes a step under a temporary name, so a half-written one is not listed)."""
-  steps = []
-  for name in os.listdir(model_dir) if os.path.isdir(model_dir) else ():
-    if re.fullmatch(r"\d+", name) and os.path.exists(
-        os.path.join(model_dir, name, "state", "_METADATA")):
-      steps.append(int(name))
-  return sorted(steps)
+  """Steps of ``model_dir`` with a committed checkpoint, ascending."""
+  return restore.committed_steps(model_dir) if os.path.isdir(model_dir) else []
 
 
 def choose_steps(model_dir: str, last: int = 0, steps: Sequence[int] = ()) -> list[int]:
@@ -82,7 +75,7 @@ def average_params(paths: Sequence[str]) -> dict[str, np.ndarray]:
   for i, path in enumerate(paths):
     params, _ = params_only.read_stored_params(path)
     if i == 0:
-      first = {n: v for n, v in params.items()}
+      first = dict(params)
       total = {n: v.astype(np.float64) for n, v in params.items() if _is_float(v)}
       continue
     missing, extra = sorted(set(first) - set(params)), sorted(set(params) - set(first))

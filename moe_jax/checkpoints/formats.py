@@ -173,16 +173,10 @@ def _moe_jax_stored_params(path: str) -> tuple[str, dict[str, Any]]:
 
 def load_moe_jax_params(path: str) -> tuple[dict, str, int]:
   """Params (numpy), state item dir and step of this project's checkpoint."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax.sharding import SingleDeviceSharding  # pylint: disable=g-import-not-at-top
-  from moe_jax.checkpoints import restore  # pylint: disable=g-import-not-at-top
-  item_dir, meta = _moe_jax_stored_params(path)
-  abstract = jax.tree_util.tree_map(
-      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.float32), meta)
-  dev = SingleDeviceSharding(jax.local_devices()[0])
-  loaded = restore.restore_params(
-      item_dir, abstract, jax.tree_util.tree_map(lambda _: dev, abstract))
-  params = jax.tree_util.tree_map(np.asarray, loaded)
+  from moe_jax.checkpoints import params_only  # pylint: disable=g-import-not-at-top
+  item_dir, _ = _moe_jax_stored_params(path)  # refuses a tree without params
+  stored, _ = params_only.read_stored_params(item_dir)
+  params = params_only.unflatten({n: v.astype(np.float32) for n, v in stored.items()})
   for stack in ("encoder", "decoder"):
     if stack in params:
       params[stack] = _unscan_stack(params[stack])

@@ -154,7 +154,10 @@ def stored_metadata(item_dir: str) -> dict[str, Any]:
   return tree_paths.flatten_with_paths(meta.tree)
 
 
-def _committed_steps(root: epath.Path) -> list[int]:
+def committed_steps(root) -> list[int]:
+  """Steps of a run directory with a committed ``state`` item, ascending
+  (Orbax writes a step under a temporary name: a half-written one is absent)."""
+  root = epath.Path(root)
   return sorted(int(p.name) for p in root.iterdir()
                 if p.name.isdigit() and (p / STATE_ITEM / _ORBAX_METADATA_FILE).exists())
 
@@ -172,7 +175,7 @@ def resolve_state_dir(path: str) -> str:
   if (path / STATE_ITEM / _ORBAX_METADATA_FILE).exists():
     return str(path / STATE_ITEM)
   if path.is_dir():
-    steps = _committed_steps(path)
+    steps = committed_steps(path)
     if steps:
       return str(path / str(steps[-1]) / STATE_ITEM)
   raise FileNotFoundError(

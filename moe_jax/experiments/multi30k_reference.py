@@ -34,7 +34,6 @@ import json
 import math
 import os
 import re
-import shutil
 from typing import Mapping, Optional, Sequence
 
 from moe_jax.experiments import runner as runner_lib
@@ -334,15 +333,12 @@ def publish(r: runner_lib.Runner, args, section: str, begin: str = SECTION_BEGIN
     write_section(args.markdown, section, begin, end)
     print(f"Wrote the section {begin!r} of {args.markdown}", flush=True)
   if args.results:
-    if keep:
-      with open(r.results_path) as f:
-        new = f.read()
-      tmp = args.results + ".tmp"
-      with open(tmp, "w") as f:
-        f.write("".join(json.dumps(row, sort_keys=True) + "\n" for row in keep) + new)
-      os.replace(tmp, args.results)
-    else:
-      shutil.copyfile(r.results_path, args.results)
+    with open(r.results_path) as f:
+      new = f.read()
+    tmp = args.results + ".tmp"
+    with open(tmp, "w") as f:
+      f.write("".join(json.dumps(row, sort_keys=True) + "\n" for row in keep) + new)
+    os.replace(tmp, args.results)
     print(f"Wrote {r.results_path}'s records to {args.results}", flush=True)
 
 
