@@ -12,8 +12,10 @@ written before the redesign (shared-core experts + router bias + CMR in the
 encoder, residual MoE in the decoder); it must restore, with the same
 logits.
 
-Tolerance: ``rtol=1e-6`` (float32 values whose op order changed); most
-values are bitwise equal (the count is printed with ``-s``).
+Tolerance: ``RTOL`` (float32 values whose op order changed, within one
+host or across CPU models: the reduction order of XLA:CPU's kernels depends
+on the CPU's vector width); most values are bitwise equal on the recording
+host (the count is printed with ``-s``).
 """
 
 import json
@@ -36,10 +38,33 @@ FAST_MODELS = ("baseline", "task_routing", "cmr", "decoder_only")
 SLOW_LAYERS = ("bilevel_random",)
 
 
+# A gradient whose recorded |sum| fingerprint is below this fraction of the
+# record's largest gradient is zero in exact arithmetic, and what was recorded
+# is float32 rounding noise, which changes with the CPU's reduction order. The
+# case: shared-core experts start identical (the low-rank deltas are zero), so
+# the renormalized top-2 combine does not depend on the gates and the router
+# kernel's gradient is exactly 0 (recorded |g| sum 2.3e-4, against 2.8e3 for
+# the shared expert weights; the CI host's CPU gave 1.7e-4).
+ZERO_GRADIENT_FRACTION = 1e-6
+# The largest cross-CPU difference seen: 1.1e-5 relative, the decoder CMR
+# gate's bias gradient of model_cmr on an Intel Xeon against the record. A
+# changed behaviour (a token routed elsewhere, a changed formula) moves the
+# fingerprints by 1e-3 or more.
+RTOL = 1e-4
+
+
+def _gradient_noise_floor(want):
+  """|sum| below which a recorded gradient is rounding noise of an exact zero."""
+  abs_sums = [np.asarray(w)[1] for k, w in want.items()
+              if k.startswith("grad/") and not k.endswith("#shape")]
+  return ZERO_GRADIENT_FRACTION * max(abs_sums, default=0.0)
+
+
 def _compare(name, got, want):
   assert sorted(got) == sorted(want), (
       f"{name}: recorded keys differ (parameter paths or sown names changed): "
       f"missing {sorted(set(want) - set(got))[:8]}, new {sorted(set(got) - set(want))[:8]}")
+  noise_floor = _gradient_noise_floor(want)
   exact, values = 0, 0
   for key in sorted(want):
     g, w = np.asarray(got[key]), np.asarray(want[key])
@@ -48,13 +73,19 @@ def _compare(name, got, want):
       np.testing.assert_array_equal(g, w, err_msg=f"{name} {key}")
       continue
     values += 1
+    if key.startswith("grad/") and 0 < w[1] < noise_floor:
+      # Zero in exact arithmetic: it must stay at the noise level, not match it.
+      assert g[1] < noise_floor, (
+          f"{name} {key}: recorded as an exact zero (|g| sum {w[1]:.3g} < "
+          f"{noise_floor:.3g}), now {g[1]:.3g}")
+      continue
     g64 = g.astype(np.float64)
     if np.array_equal(g64, w):
       exact += 1
       continue
     # Fingerprints are sums over whole arrays: compare them on their own scale.
     scale = np.max(np.abs(w)) if w.size else 1.0
-    np.testing.assert_allclose(g64, w, rtol=1e-6, atol=1e-6 * max(scale, 1e-3),
+    np.testing.assert_allclose(g64, w, rtol=RTOL, atol=RTOL * max(scale, 1e-3),
                                err_msg=f"{name} {key}")
   print(f"{name}: {exact}/{values} values bitwise equal")
 
@@ -116,6 +147,6 @@ def test_pre_redesign_checkpoint_restores_with_the_same_logits():
   args, kwargs = train_state.model_inputs(batch)
   logits = np.asarray(models.build_model(cfg).apply(
       {"params": params}, *args, **kwargs, enable_dropout=False), np.float64)
-  np.testing.assert_allclose(logits.max(-1), want["logits_max"], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(logits.max(-1), want["logits_max"], rtol=RTOL, atol=RTOL)
   np.testing.assert_allclose(generate.fingerprint(logits), want["logits_fingerprint"],
-                             rtol=1e-6)
+                             rtol=RTOL)
