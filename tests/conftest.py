@@ -83,6 +83,10 @@ SLOW_NODE_IDS = {
     "[aux_free_bias]",
     # 27 s: the curriculum iterator's own resume tests stay.
     "tests/test_data_curriculum.py::test_moe_train_resumes_a_curriculum_run_exactly",
+    # 20-40 s: two processes, SIGTERM to one; test_checkpoint_preemption keeps
+    # the one-process SIGTERM save and test_multihost_train the two processes.
+    "tests/test_preemption_multiprocess.py::"
+    "test_sigterm_to_one_process_stops_both_at_one_step_and_they_resume",
     # 20 s: the final-output-masking case stays.
     "tests/test_bilevel_routing.py::test_output_masking_in_eval_scales_the_bilevel_output"
     "[expert_output_masking_rate]",
