@@ -1,8 +1,11 @@
 """The MoE layer benchmark runs and reports the fields the issue asks for."""
 
+import pytest
+
 from moe_jax.benchmarks import moe_layer
 
 
+@pytest.mark.slow  # end-to-end; pytest -m slow
 def test_compare_reports_all_fields(capsys):
   results = moe_layer.main([
       "--json", "--compare", "--tokens", "256", "--seq", "32", "--d_model", "16",

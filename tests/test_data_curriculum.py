@@ -230,6 +230,7 @@ def _data_state(model_dir, step):
   return checkpointer.restore(os.path.join(model_dir, str(step), "data_state"))
 
 
+@pytest.mark.slow  # end-to-end; pytest -m slow
 @pytest.mark.usefixtures("persistent_compilation_cache")
 def test_moe_train_resumes_a_curriculum_run_exactly(tmp_path):
   straight = _train(tmp_path / "straight")

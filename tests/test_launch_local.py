@@ -209,6 +209,7 @@ def first_run(tmp_path_factory):
   return model_dir, losses, out, reference
 
 
+@pytest.mark.slow  # end-to-end; pytest -m slow
 def test_two_processes_train_like_one(first_run):
   model_dir, losses, out, reference = first_run
   assert sorted(losses) == [1, 2, 3], out[-3000:]

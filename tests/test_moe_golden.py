@@ -33,9 +33,10 @@ import generate  # noqa: E402  pylint: disable=g-import-not-at-top
 
 RECORDS = generate.load_records()
 # Model-level methods checked in every run; the others behind -m slow.
-FAST_MODELS = ("baseline", "task_routing", "cmr", "decoder_only")
-# Layer variants behind -m slow (each ~45 s on 2 cores; "bilevel" stays fast).
-SLOW_LAYERS = ("bilevel_random",)
+FAST_MODELS = ("task_routing", "cmr", "decoder_only")
+# Layer variants behind -m slow (13-65 s each on 2 cores); the others stay fast.
+SLOW_LAYERS = ("bilevel_random", "bilevel", "dropless", "dense_to_sparse", "clusters",
+               "dropless_top1")
 
 
 # A gradient whose recorded |sum| fingerprint is below this fraction of the

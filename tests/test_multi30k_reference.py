@@ -100,6 +100,7 @@ def test_runs_of_other_lengths_stay_in_the_results(tmp_path):
   assert ref.older_runs(str(tmp_path / "missing.jsonl"), []) == []
 
 
+@pytest.mark.slow  # end-to-end; pytest -m slow
 def test_the_end_to_end_command_on_a_slice(tmp_path, shared_data_dir):
   """The MoE twin through vocabulary, training, selection, beam decode and
   sacreBLEU: 4 steps, 64 validation and 8 test sentences, a 500-piece vocabulary.

@@ -189,6 +189,7 @@ def _run(layout, model_dir, data, steps=6):
   return result
 
 
+@pytest.mark.slow  # end-to-end; pytest -m slow
 @pytest.mark.filterwarnings("ignore")
 def test_sigterm_and_resume_with_offload_switched_on_and_off(tmp_path, compilation_cache):  # pylint: disable=redefined-outer-name,unused-argument
   """Offloaded to step 2 (SIGTERM), resumed without offload to step 4

@@ -21,6 +21,8 @@ import sys
 import threading
 import time
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH, LENGTH, VOCAB = 8, 8, 32
 
@@ -161,6 +163,7 @@ def _result(text):
   return int(m.group(1)), m.group(2) == "True"
 
 
+@pytest.mark.slow  # end-to-end; pytest -m slow
 def test_sigterm_to_one_process_stops_both_at_one_step_and_they_resume(tmp_path):
   model_dir = str(tmp_path / "model")
   procs, outputs, readers = _start(model_dir, 10_000)

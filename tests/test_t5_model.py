@@ -114,6 +114,7 @@ def _stack_to_scanned(params, config):
   return out
 
 
+@pytest.mark.slow  # end-to-end; pytest -m slow
 def test_scan_with_remat_equals_unrolled_incl_gradients_and_moe_metrics():
   config = dataclasses.replace(BASE, num_encoder_layers=4, num_decoder_layers=2,
                                decoder_layout=SparseLayout("explicit", layers=(0, 1)))
