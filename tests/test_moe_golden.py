@@ -34,9 +34,12 @@ import generate  # noqa: E402  pylint: disable=g-import-not-at-top
 RECORDS = generate.load_records()
 # Model-level methods checked in every run; the others behind -m slow.
 FAST_MODELS = ("task_routing", "cmr", "decoder_only")
-# Layer variants behind -m slow (13-65 s each on 2 cores); the others stay fast.
+# Layer variants behind -m slow (13-65 s each on 2 cores), then (4-6 s each)
+# the variations of a base variant that stays fast (top2, dropless_eom and
+# expert_dropout, gate_drop_fires, task_routing); the others stay fast.
 SLOW_LAYERS = ("bilevel_random", "bilevel", "dropless", "dense_to_sparse", "clusters",
-               "dropless_top1")
+               "dropless_top1", "top2_no_renorm", "top2_tight_capacity",
+               "dropless_expert_dropout", "gate_expert_drop_fires", "task_routing_capacity")
 
 
 # A gradient whose recorded |sum| fingerprint is below this fraction of the
