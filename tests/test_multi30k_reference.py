@@ -100,6 +100,29 @@ def test_runs_of_other_lengths_stay_in_the_results(tmp_path):
   assert ref.older_runs(str(tmp_path / "missing.jsonl"), []) == []
 
 
+def test_a_run_of_another_schedule_keeps_the_row_of_the_same_length(tmp_path):
+  """The schedule is part of a row's key: from the ``schedule`` field, else a
+  ``make_schedule.name`` override, else cosine (rows older than the field)."""
+  cosine = {"name": "dense_en_de_summary", "kind": "reference_summary", "model": "dense",
+            "directions": "en_de", "train_steps": 3000, "overrides": ["TRAIN_STEPS=3000"]}
+  wsd_by_override = dict(cosine, overrides=["TRAIN_STEPS=3000", "make_schedule.name='wsd'"])
+  wsd_by_field = dict(cosine, schedule="wsd")
+  assert [ref.summary_schedule(s) for s in (cosine, wsd_by_override, wsd_by_field)] == [
+      "cosine", "wsd", "wsd"]
+  old = tmp_path / "old.jsonl"
+  old.write_text(json.dumps(cosine) + "\n")
+  assert ref.older_runs(str(old), [wsd_by_field]) == [cosine]
+  assert ref.older_runs(str(old), [dict(cosine, schedule="cosine")]) == []
+
+
+def test_schedule_of_reads_the_operative_config(tmp_path):
+  (tmp_path / "config.gin").write_text(
+      "# Parameters for make_schedule:\nmake_schedule.base_learning_rate = 0.01\n"
+      "make_schedule.name = 'wsd'\nmake_schedule.total_steps = %TRAIN_STEPS\n")
+  assert ref.schedule_of(str(tmp_path)) == "wsd"
+  assert ref.schedule_of(str(tmp_path / "missing")) is None
+
+
 @pytest.mark.slow  # end-to-end; pytest -m slow
 def test_the_end_to_end_command_on_a_slice(tmp_path, shared_data_dir):
   """The MoE twin through vocabulary, training, selection, beam decode and

@@ -38,6 +38,29 @@ def test_decay_schedules_with_warmup(name):
   assert float(f(40)) == pytest.approx(want, rel=1e-5)
 
 
+def test_wsd_schedule_holds_the_peak_then_cools_down_linearly():
+  # warmup 10, then 100 decay steps: flat at 2.0 for 80, linear to 0.2 over 20.
+  f = optimizers.make_schedule("wsd", 2.0, warmup_steps=10, decay_steps=100,
+                               end_learning_rate=0.2, cooldown_fraction=0.2)
+  assert float(f(5)) == pytest.approx(1.0)
+  for step in (10, 50, 90):
+    assert float(f(step)) == pytest.approx(2.0)
+  assert float(f(95)) == pytest.approx(2.0 - 1.8 * 5 / 20, rel=1e-6)
+  assert float(f(110)) == pytest.approx(0.2, rel=1e-6)
+  assert float(f(500)) == pytest.approx(0.2, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "wsd"])
+def test_total_steps_ends_the_decay_at_that_step(name):
+  # Without total_steps a 3,000-step run with decay_steps=3000 ends at 3,200.
+  f = optimizers.make_schedule(name, 1e-2, warmup_steps=200, decay_steps=12345,
+                               end_learning_rate=3e-5, total_steps=3000)
+  assert float(f(3000)) == pytest.approx(3e-5, rel=1e-4)
+  assert float(f(2999)) > 3e-5
+  with pytest.raises(ValueError, match="must exceed warmup_steps"):
+    optimizers.make_schedule(name, 1e-2, warmup_steps=200, total_steps=200)
+
+
 def test_constant_schedule_and_bad_name():
   assert float(optimizers.make_schedule("constant", 0.3, warmup_steps=0)(77)) == pytest.approx(0.3)
   with pytest.raises(ValueError, match="use one of"):

@@ -252,6 +252,7 @@ def run_model(r: runner_lib.Runner, model: str, directions: str, args, *,
   summary = {
       "name": f"{name}_summary", "kind": "reference_summary", "run": name, "model": model,
       "directions": directions, "gin": gin_files[0], "overrides": overrides,
+      "schedule": schedule_of(model_dir),
       "train_steps": max(s for s, _ in train.get("train_loss_curve", [(0, 0)])),
       "step_time_ms": train.get("step_time_ms"),
       "validation_bleu_by_step": sorted(bleu_by_step.items()), "best_step": step,
@@ -273,8 +274,8 @@ def _curve(points, digits=1) -> str:
 def render(summaries: Sequence[dict]) -> str:
   """The recipe's section of docs/experiments.md from the summary records."""
   lines = [SECTION_BEGIN, "",
-           "| model | directions | steps | step time | best step (val BLEU) | "
-           "test BLEU | lowercased | chrF |", "|---|---|---|---|---|---|---|---|"]
+           "| model | directions | steps | schedule | step time | best step (val BLEU) | "
+           "test BLEU | lowercased | chrF |", "|---|---|---|---|---|---|---|---|---|"]
   for s in summaries:
     val = dict(s["validation_bleu_by_step"])
     step_ms = s.get("step_time_ms")
@@ -282,7 +283,7 @@ def render(summaries: Sequence[dict]) -> str:
     for task, t in s["test"].items():
       lines.append(
           f"| {s['model']} | {task.replace('multi30k_translate_', '')} | "
-          f"{s['train_steps']} | {step_time} | {s['best_step']} "
+          f"{s['train_steps']} | {summary_schedule(s)} | {step_time} | {s['best_step']} "
           f"({val[s['best_step']]:.1f}) | **{t['bleu']:.1f}** | {t['bleu_lowercase']:.1f} | "
           f"{t['chrf']:.1f} |")
   lines.append("")
@@ -290,7 +291,8 @@ def render(summaries: Sequence[dict]) -> str:
     t0 = next(iter(s["test"].values()))
     step_s = (s.get("step_time_ms") or 0) / 1000
     lines += [
-        f"**{s['model']} ({s['directions']}, {s['train_steps']} steps)**: `{s['gin']}`"
+        f"**{s['model']} ({s['directions']}, {s['train_steps']} steps, "
+        f"{summary_schedule(s)})**: `{s['gin']}`"
         + (f" + `{' '.join(o for o in s['overrides'] if 'vocab_size' not in o)}`"
            if s["overrides"] else ""),
         f"- validation BLEU (greedy) by step: {_curve(s['validation_bleu_by_step'])}"
@@ -342,13 +344,39 @@ def publish(r: runner_lib.Runner, args, section: str, begin: str = SECTION_BEGIN
     print(f"Wrote {r.results_path}'s records to {args.results}", flush=True)
 
 
+def schedule_of(model_dir: str) -> Optional[str]:
+  """``make_schedule.name`` in the operative config ``model_dir/config.gin``
+  (``None`` when the file or the binding is absent)."""
+  path = os.path.join(model_dir, "config.gin")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    match = re.search(r"^make_schedule\.name\s*=\s*['\"](\w+)['\"]", f.read(), re.M)
+  return match.group(1) if match else None
+
+
+def summary_schedule(summary: dict) -> str:
+  """The learning-rate schedule a summary's run trained with: its ``schedule``
+  field, else a ``make_schedule.name`` override, else ``cosine`` (rows written
+  before the field existed trained with the gin's schedule, then cosine)."""
+  if summary.get("schedule"):
+    return summary["schedule"]
+  for o in summary.get("overrides") or ():
+    match = re.fullmatch(r"make_schedule\.name\s*=\s*['\"](\w+)['\"]", o.strip())
+    if match:
+      return match.group(1)
+  return "cosine"
+
+
 def _length_key(summary: dict) -> tuple:
-  return summary["model"], summary["directions"], summary["train_steps"]
+  return (summary["model"], summary["directions"], summary["train_steps"],
+          summary_schedule(summary))
 
 
 def older_runs(results_path: str, summaries: Sequence[dict]) -> list[dict]:
   """The summary rows of an earlier ``--results`` file for recipe runs of
-  another length (model, directions, steps) than ``summaries`` (the newest
+  another length or schedule (model, directions, steps, learning-rate
+  schedule) than ``summaries`` (the newest
   row of each): they stay in the table and in the file (a summary holds the
   run's curves, overrides and test scores)."""
   if not results_path or not os.path.exists(results_path):
@@ -399,11 +427,14 @@ def main(argv=None) -> int:
   add_recipe_flags(p)
   p.add_argument("--model", choices=("dense", "moe", "both"), default="dense")
   p.add_argument("--directions", choices=tuple(DIRECTIONS), default="en_de")
+  p.add_argument("--report_only", action="store_true",
+                 help="train nothing: rewrite --markdown/--results from OUT's records "
+                      "(e.g. runs trained in two OUTs at once, one core each)")
   args = p.parse_args(argv)
 
   r = make_runner(args)
   models = ("dense", "moe") if args.model == "both" else (args.model,)
-  for model in models:
+  for model in models if not args.report_only else ():
     run_model(r, model, args.directions, args)
   if args.dry_run:
     return 0

@@ -11,7 +11,9 @@
 * Both chain ``optax.clip_by_global_norm`` first when ``max_grad_norm`` is set.
 
 Schedules: ``constant``, ``rsqrt`` (T5: ``base / sqrt(max(step, warmup))``),
-``linear`` and ``cosine`` decay, each with an optional linear warmup.
+``linear`` and ``cosine`` decay, and ``wsd`` (warmup-stable-decay: flat at the
+peak, then a linear cool-down over the last part), each with an optional
+linear warmup.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-SCHEDULES = ("constant", "rsqrt", "linear", "cosine")
+SCHEDULES = ("constant", "rsqrt", "linear", "cosine", "wsd")
 OPTIMIZERS = ("adafactor", "adamw")
 
 
@@ -35,11 +37,13 @@ def make_schedule(name: str = "rsqrt",
                   warmup_steps: int = 10_000,
                   decay_steps: int = 100_000,
                   end_learning_rate: float = 0.0,
-                  linear_warmup: bool = False) -> optax.Schedule:
+                  linear_warmup: bool = False,
+                  total_steps: Optional[int] = None,
+                  cooldown_fraction: float = 0.2) -> optax.Schedule:
   """Learning rate as a function of the (0-based) step.
 
   Args:
-    name: ``"constant"``, ``"rsqrt"``, ``"linear"`` or ``"cosine"``.
+    name: ``"constant"``, ``"rsqrt"``, ``"linear"``, ``"cosine"`` or ``"wsd"``.
     base_learning_rate: peak value. For ``rsqrt`` (T5's schedule) the rate is
       ``base / sqrt(max(step, warmup_steps))``: flat at
       ``base / sqrt(warmup_steps)`` during warmup, then inverse square root.
@@ -47,10 +51,18 @@ def make_schedule(name: str = "rsqrt",
     warmup_steps: warmup length. For ``constant``/``linear``/``cosine`` a
       linear ramp from 0 to ``base``; for ``rsqrt`` the flat part (a linear
       ramp up to the flat value instead when ``linear_warmup``).
-    decay_steps: for ``linear``/``cosine``, steps after warmup over which the
-      rate falls to ``end_learning_rate``.
-    end_learning_rate: final value of ``linear``/``cosine``.
+    decay_steps: for ``linear``/``cosine``/``wsd``, steps after warmup over
+      which the rate falls to ``end_learning_rate`` (``wsd``: holds the peak,
+      then falls over the last ``cooldown_fraction`` of them).
+    end_learning_rate: final value of ``linear``/``cosine``/``wsd``.
     linear_warmup: ``rsqrt`` only; ramp linearly over ``warmup_steps``.
+    total_steps: when set, the decay ends at this step, whatever the warmup:
+      ``decay_steps = total_steps - warmup_steps`` (``decay_steps`` is then
+      ignored). Bind it to the run's ``TRAIN_STEPS`` so that the rate reaches
+      ``end_learning_rate`` at the last step.
+    cooldown_fraction: ``wsd`` only; the fraction of the decay steps, at their
+      end, over which the rate falls linearly from the peak to
+      ``end_learning_rate`` (0.2: the usual 20% cool-down).
   """
   if name not in SCHEDULES:
     raise ValueError(
@@ -60,6 +72,12 @@ def make_schedule(name: str = "rsqrt",
     raise ValueError(
         f"warmup_steps={warmup_steps} and decay_steps={decay_steps} must be >= 0.")
   warmup_steps = int(warmup_steps)
+  if total_steps is not None:
+    if total_steps <= warmup_steps:
+      raise ValueError(f"total_steps={total_steps} must exceed warmup_steps={warmup_steps}.")
+    decay_steps = int(total_steps) - warmup_steps
+  if not 0.0 < cooldown_fraction <= 1.0:
+    raise ValueError(f"cooldown_fraction={cooldown_fraction} must be in (0, 1].")
 
   if name == "rsqrt":
     floor = max(warmup_steps, 1)
@@ -77,6 +95,12 @@ def make_schedule(name: str = "rsqrt",
   elif name == "linear":
     main = optax.linear_schedule(base_learning_rate, end_learning_rate,
                                  max(int(decay_steps), 1))
+  elif name == "wsd":
+    cooldown = max(int(round(cooldown_fraction * decay_steps)), 1)
+    stable = max(int(decay_steps) - cooldown, 0)
+    main = optax.join_schedules(
+        [optax.constant_schedule(base_learning_rate),
+         optax.linear_schedule(base_learning_rate, end_learning_rate, cooldown)], [stable])
   else:
     alpha = end_learning_rate / base_learning_rate if base_learning_rate else 0.0
     main = optax.cosine_decay_schedule(base_learning_rate,
