@@ -87,3 +87,50 @@ def test_render_rows_gap_and_pruning_table():
   assert text.index("| moe_en_de |") < text.index("| eom |")  # the method table's order
   assert "| 50% | 3.00 M | 4 | 30.1 | 53.5 |" in text and "| 100% | 5.12 M | all | 30.9 |" in text
   assert text.startswith(mm.SECTION_BEGIN) and text.endswith(mm.SECTION_END)
+
+
+def test_six_direction_pruning_prunes_per_language_and_decodes_each_pair(
+    tmp_path, shared_data_dir, monkeypatch):
+  monkeypatch.setenv("MOE_JAX_DATA_DIR", shared_data_dir)
+  out, model = tmp_path / "out", tmp_path / "ref" / "moe_six"
+  buf = io.StringIO()
+  with contextlib.redirect_stdout(buf):
+    assert mm.main([f"--out={out}", "--suite=pruning", "--directions=six",
+                    f"--prune_model={model}", "--dry_run"]) == 0
+  lines = [l for l in buf.getvalue().splitlines() if l.startswith("+ ")]
+  assert not any("moe_jax.train " in l for l in lines)  # pruning trains nothing
+  prunes = [l for l in lines if "moe_jax.prune" in l]
+  assert [(p.split("--keep=")[1].split()[0], p.split("--granularity=")[1].split()[0])
+          for p in prunes] == [("0.5", "global"), ("0.5", "language"),
+                               ("0.25", "global"), ("0.25", "language")]
+  assert all("--all_pairs" in p for p in prunes if "language" in p)
+  assert all("multi30k_translate_mix" in p for p in prunes)
+  tests = [l for l in lines if "moe_jax.eval" in l and "EVAL_SPLIT='test'" in l]
+  # the unpruned model and the two global ones decode the mixture (all six test
+  # sets); each per-language model decodes its own pair's test set
+  language = [l for l in tests if "prune_language_" in l]
+  assert len(tests) == 3 + len(language) and len(language) == 12
+  pair_tasks = {l.split("prune_language_0.5/")[1].split("/")[0]: l.rsplit(
+      "--gin.MIXTURE_OR_TASK_NAME=", 1)[1].split()[0] for l in language if "_0.5/" in l}
+  assert pair_tasks == {f"{s}_{t}": f"'multi30k_translate_{s}_{t}'"
+                        for x in ("de", "fr", "cs") for s, t in (("en", x), (x, "en"))}
+  with pytest.raises(SystemExit):  # the other suites are en->de only
+    mm.main([f"--out={out}", "--suite=regularization", "--directions=six", "--dry_run"])
+
+
+def test_render_six_direction_pruning_table_has_a_column_per_pair_and_the_mean():
+  def bleus(*values):
+    tasks = ["multi30k_translate_en_de", "multi30k_translate_de_en"]
+    return {t: {"bleu": b, "chrf": 50.0} for t, b in zip(tasks, values)}
+  records = {"pruning_summary_six": {
+      "name": "pruning_summary_six", "kind": "pruning_summary", "directions": "six", "rows": [
+          {"keep": 1.0, "granularity": "global", "test": bleus(30.0, 34.0)},
+          {"keep": 0.5, "granularity": "global", "params_before": 5_000_000,
+           "params_after": 3_500_000, "experts_kept": {"a": 4}, "test": bleus(27.0, 30.0)},
+          {"keep": 0.5, "granularity": "language", "params_before": 5_000_000,
+           "params_after": 3_500_000, "experts_kept": {"a": 4}, "test": bleus(29.5, 33.0)}]}}
+  text = mm.render(records, None, steps=1000, period=500)
+  assert "| experts kept | granularity | parameters | experts per MoE layer | en->de | de->en | mean |" in text
+  assert "| 100% | global | 5.00 M | all | 30.0 | 34.0 | 32.0 |" in text
+  assert "| 50% | global | 3.50 M | 4 | 27.0 | 30.0 | 28.5 |" in text
+  assert "| 50% | language | 3.50 M | 4 | 29.5 | 33.0 | 31.2 |" in text

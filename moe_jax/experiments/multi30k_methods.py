@@ -25,7 +25,10 @@ Suites:
   pruning         a trained MoE (``--prune_model``, e.g. the 2,000-step
                   ``moe_en_de``): routing statistics on ``val``, then global
                   expert pruning to 50% and 25% of the experts; each model
-                  beam-decodes ``test_2016_flickr``.
+                  beam-decodes ``test_2016_flickr``. With ``--directions six``
+                  (a ``multi30k_reference --directions six --model moe`` run)
+                  also per-language pruning, one pruned model per pair, and
+                  every model decodes all six test sets.
 
 Differences between runs are set against the validation set's sampling noise:
 a paired bootstrap (sacreBLEU, 1,000 resamples) of each run's step-1,000
@@ -98,43 +101,87 @@ def run_upcycling(r, args) -> dict:
                        gin_files=[ref.GIN["moe"], os.path.join(up_dir, "upcycled_model.gin")])
 
 
-def run_pruning(r, args, model_dir: str, fractions: Sequence[float] = PRUNE_KEEP) -> None:
-  """Routing statistics of ``model_dir``'s last checkpoint on ``val``, global
-  pruning to each fraction, a beam test decode of each pruned model."""
-  base = ref.base_overrides(r, "en_de", args)
+def _pair(test_task: str) -> tuple[str, str]:
+  """``multi30k_translate_SRC_TGT`` -> ``(SRC, TGT)``."""
+  src, tgt = test_task.rsplit("_", 2)[1:]
+  return src, tgt
+
+
+def run_pruning(r, args, model_dir: str, fractions: Sequence[float] = PRUNE_KEEP,
+                directions: str = "en_de") -> None:
+  """Routing statistics of ``model_dir``'s last checkpoint on ``val``, then
+  expert pruning to each fraction, and a beam test decode of each pruned
+  model on every test set of ``directions``.
+
+  ``en_de``: global pruning (one set of experts for the pair). ``six`` (the
+  six-direction model) adds NLLB's per-language pruning: for each pair, the
+  encoder keeps the experts its source language uses and the decoder those
+  its target language uses (``moe-prune --granularity=language``), and each
+  pair's pruned model decodes that pair's test set.
+  """
+  base = ref.base_overrides(r, directions, args)
   saved = ref.saved_steps(model_dir) if os.path.isdir(model_dir) else []
   if not saved and not r.dry_run:
-    raise FileNotFoundError(f"No checkpoint under {model_dir}; train it first "
-                            "(multi30k_reference --model moe) or pass --prune_model.")
+    raise FileNotFoundError(
+        f"No checkpoint under {model_dir}; train it first (multi30k_reference --model moe"
+        f" --directions {directions}) or pass --prune_model.")
   step = max(saved, default=0)
   checkpoint = os.path.join(model_dir, str(step))
   gins = [ref.GIN["moe"]]
   stats_dir = os.path.join(r.out_dir, "prune_stats")
+  stats = os.path.join(stats_dir, "routing_stats.json")
   r.evaluate("prune_stats", ["runs/eval.gin", *gins], [
       *base, f"CHECKPOINT_PATH='{checkpoint}'", "EVAL_SPLIT='validation'",
       f"EVAL_BATCH_SIZE={args.eval_batch_size}", "COLLECT_ROUTING_STATS=True"], stats_dir)
-  rows = [{"keep": 1.0, "model_dir": model_dir, "step": step,
+  rows = [{"keep": 1.0, "granularity": "global", "model_dir": model_dir, "step": step,
            "test": ref.decode_test_split(r, "prune_keep1.0_test", gins, base, checkpoint,
-                                   os.path.join(r.out_dir, "prune_keep1.0_test"), "en_de",
-                                   args)}]
+                                         os.path.join(r.out_dir, "prune_keep1.0_test"),
+                                         directions, args)}]
+  prune_args = [f"--gin_file={gins[0]}", *[f"--gin_bindings={b}" for b in base],
+                f"--checkpoint={checkpoint}", f"--stats={stats}"]
   for keep in fractions:
     out = os.path.join(r.out_dir, f"prune_global_{keep}")
     r.run_tool(f"prune_global_{keep}_write", "prune", [
-        f"--gin_file={gins[0]}", *[f"--gin_bindings={b}" for b in base],
-        f"--checkpoint={checkpoint}", f"--stats={os.path.join(stats_dir, 'routing_stats.json')}",
-        f"--keep={keep}", "--granularity=global", f"--output={out}"])
-    if r.dry_run:
+        *prune_args, f"--keep={keep}", "--granularity=global", f"--output={out}"])
+    tests = ref.decode_test_split(r, f"prune_global_{keep}_test",
+                                  [*gins, os.path.join(out, "pruned.gin")], base, None,
+                                  os.path.join(out, "test"), directions, args)
+    if not r.dry_run:
+      rows.append({"keep": keep, "granularity": "global",
+                   **_pruned_sizes([os.path.join(out, "pruning.json")]), "test": tests})
+    if directions == "en_de":
       continue
-    with open(os.path.join(out, "pruning.json")) as f:
-      pruning = json.load(f)
-    tests = ref.decode_test_split(r, f"prune_global_{keep}_test", [*gins, os.path.join(out, "pruned.gin")],
-                            base, None, os.path.join(out, "test"), "en_de", args)
-    rows.append({"keep": keep, "params_before": pruning["params_before"],
-                 "params_after": pruning["params_after"],
-                 "experts_kept": {l: len(e) for l, e in pruning["kept"].items()},
-                 "test": tests})
+    out = os.path.join(r.out_dir, f"prune_language_{keep}")
+    r.run_tool(f"prune_language_{keep}_write", "prune", [
+        *prune_args, f"--keep={keep}", "--granularity=language", "--all_pairs",
+        f"--output={out}"])
+    tests, summaries = {}, []
+    for task in ref.DIRECTIONS[directions][2]:
+      pair_dir = os.path.join(out, "_".join(_pair(task)))
+      tests.update(ref.decode_test_split(
+          r, f"prune_language_{keep}_{os.path.basename(pair_dir)}_test",
+          [*gins, os.path.join(pair_dir, "pruned.gin")], [*base, f"MIXTURE_OR_TASK_NAME='{task}'"],
+          None, os.path.join(pair_dir, "test"), directions, args, test_tasks=(task,)))
+      summaries.append(os.path.join(pair_dir, "pruning.json"))
+    if not r.dry_run:
+      rows.append({"keep": keep, "granularity": "language", **_pruned_sizes(summaries),
+                   "test": tests})
   if not r.dry_run:
-    r.record({"name": "pruning_summary", "kind": "pruning_summary", "rows": rows})
+    r.record({"name": "pruning_summary" + ("" if directions == "en_de" else f"_{directions}"),
+              "kind": "pruning_summary", "directions": directions, "rows": rows})
+
+
+def _pruned_sizes(summary_paths: Sequence[str]) -> dict:
+  """Sizes of pruned models from their ``pruning.json`` (one per language
+  pair for per-language pruning; the largest is reported): parameters before
+  and after, and the experts kept per MoE layer."""
+  summaries = []
+  for path in summary_paths:
+    with open(path) as f:
+      summaries.append(json.load(f))
+  largest = max(summaries, key=lambda s: s["params_after"])
+  return {"params_before": largest["params_before"], "params_after": largest["params_after"],
+          "experts_kept": {l: len(e) for l, e in largest["kept"].items()}}
 
 
 # --- noise: paired bootstrap on the validation decodes ------------------------------
@@ -196,6 +243,45 @@ def validation_noise(r, names: Sequence[str],
 
 
 # --- the results page -------------------------------------------------------------
+def render_pruning(pruning: dict) -> list[str]:
+  """The table of one ``pruning_summary`` record: one row per fraction kept
+  and granularity; test BLEU and chrF for one pair, BLEU per test set and
+  their mean for the six-direction model."""
+  rows = pruning["rows"]
+  tasks = list(dict.fromkeys(t for row in rows for t in row["test"]))
+  before = next((row["params_before"] for row in rows if "params_before" in row), None)
+  if len(tasks) == 1:
+    lines = ["Expert pruning (global, importance scores from the routing statistics on "
+             "`val`; beam 4 test decode):", "",
+             "| experts kept | parameters | experts per MoE layer | test BLEU | chrF |",
+             "|---|---|---|---|---|"]
+  else:
+    lines = [f"Expert pruning of the {pruning.get('directions', '')}-direction model "
+             "(importance scores from the routing statistics on `val`; global: one "
+             "set of experts for every pair; language: per pair, the encoder keeps "
+             "its source language's experts and the decoder its target's, parameters "
+             "of the largest pair's model; beam 4 test BLEU):", "",
+             "| experts kept | granularity | parameters | experts per MoE layer | "
+             + " | ".join("->".join(_pair(t)) for t in tasks) + " | mean |",
+             "|---|---|---|---|" + "---|" * (len(tasks) + 1)]
+  for row in rows:
+    per_layer = sorted(set(row.get("experts_kept", {}).values()))
+    params = row.get("params_after", before)
+    head = (f"| {row['keep']:.0%} | "
+            + ("" if len(tasks) == 1 else f"{row.get('granularity', 'global')} | ")
+            + f"{'–' if params is None else f'{params / 1e6:.2f} M'} | "
+            f"{', '.join(map(str, per_layer)) or 'all'} |")
+    if len(tasks) == 1:
+      test = row["test"].get(tasks[0], {})
+      lines.append(f"{head} {_f(test.get('bleu'), 1)} | {_f(test.get('chrf'), 1)} |")
+      continue
+    bleus = [row["test"].get(t, {}).get("bleu") for t in tasks]
+    mean = None if None in bleus else sum(bleus) / len(bleus)
+    lines.append(f"{head} " + " | ".join(_f(b, 1) for b in bleus) + f" | {_f(mean, 1)} |")
+  return lines
+
+
+
 def _at(points: Sequence, step: int) -> Optional[float]:
   return dict((int(s), v) for s, v in points or ()).get(step)
 
@@ -249,21 +335,9 @@ def render(records: dict, noise: Optional[dict], steps: int = SHORT_STEPS,
         + f" | {_f(n.get('p_value'), 3)} | "
         f"{_f((noise_vs_dense or {}).get(name, {}).get('p_value'), 3)} | "
         f"{_f(test.get('bleu'), 1)} |")
-  pruning = next((r for r in records.values() if r.get("kind") == "pruning_summary"), None)
-  if pruning:
-    lines += ["", "Expert pruning (global, importance scores from the routing statistics on "
-              "`val`; beam 4 test decode):", "",
-              "| experts kept | parameters | experts per MoE layer | test BLEU | chrF |",
-              "|---|---|---|---|---|"]
-    before = next((row["params_before"] for row in pruning["rows"] if "params_before" in row),
-                  None)
-    for row in pruning["rows"]:
-      test = next(iter(row["test"].values()))
-      per_layer = sorted(set(row.get("experts_kept", {}).values()))
-      params = row.get("params_after", before)
-      lines.append(
-          f"| {row['keep']:.0%} | {'–' if params is None else f'{params / 1e6:.2f} M'} | "
-          f"{', '.join(map(str, per_layer)) or 'all'} | {test['bleu']:.1f} | {test['chrf']:.1f} |")
+  for pruning in sorted((r for r in records.values() if r.get("kind") == "pruning_summary"),
+                        key=lambda r: r["name"]):
+    lines += ["", *render_pruning(pruning)]
   lines += ["", SECTION_END]
   return "\n".join(lines)
 
@@ -276,8 +350,14 @@ def main(argv=None) -> int:
   p.add_argument("--only", default="", help="comma-separated method names")
   p.add_argument("--seeds", default="0")
   p.add_argument("--prune_model", default="",
-                 help="model dir of a trained moe_en_de (default: OUT/moe_en_de)")
+                 help="model dir of a trained MoE (default: OUT/moe_DIRECTIONS)")
+  p.add_argument("--directions", choices=tuple(ref.DIRECTIONS), default="en_de",
+                 help="pruning only: the directions the --prune_model was trained on "
+                      "(six: global and per-language pruning, all six test sets)")
   args = p.parse_args(argv)
+  if args.directions != "en_de" and args.suite not in ("pruning", "report"):
+    p.error(f"--directions={args.directions} applies to --suite=pruning only; the "
+            "regularization and upcycling suites run on en_de.")
   r = ref.make_runner(args)
   only = [s for s in args.only.split(",") if s]
   seeds = [int(s) for s in args.seeds.split(",")]
@@ -286,7 +366,8 @@ def main(argv=None) -> int:
   if args.suite in ("upcycling", "all"):
     run_upcycling(r, args)
   if args.suite in ("pruning", "all"):
-    run_pruning(r, args, args.prune_model or os.path.join(r.out_dir, "moe_en_de"))
+    run_pruning(r, args, args.prune_model or os.path.join(r.out_dir, f"moe_{args.directions}"),
+                directions=args.directions)
   if r.dry_run:
     return 0
   records = r.records()

@@ -151,9 +151,10 @@ def base_overrides(r: runner_lib.Runner, directions: str, args) -> list[str]:
 
 def decode_test_split(r: runner_lib.Runner, name: str, gin_files: Sequence[str],
                 overrides: Sequence[str], checkpoint: Optional[str], eval_dir: str,
-                directions: str, args) -> dict:
+                directions: str, args, test_tasks: Optional[Sequence[str]] = None) -> dict:
   """Beam-decodes ``test_2016_flickr`` with ``checkpoint`` (``None``: the one
-  a gin file names) and scores it: ``{test task: sacreBLEU scores}``."""
+  a gin file names) and scores it: ``{test task: sacreBLEU scores}`` for
+  ``test_tasks`` (default: every test task of ``directions``)."""
   eval_overrides = [
       *overrides, *([f"CHECKPOINT_PATH='{checkpoint}'"] if checkpoint else []),
       "EVAL_SPLIT='test'", "DECODE_METHOD='beam'", f"BEAM_SIZE={args.beam_size}",
@@ -164,7 +165,7 @@ def decode_test_split(r: runner_lib.Runner, name: str, gin_files: Sequence[str],
   if r.dry_run:
     return {}
   tests = {}
-  for test_task in DIRECTIONS[directions][2]:
+  for test_task in test_tasks or DIRECTIONS[directions][2]:
     src, tgt = re.fullmatch(r"multi30k_translate_(\w\w)_(\w\w)", test_task).groups()
     tests[test_task] = score_test_decode(eval_dir, test_task, src, tgt,
                                          args.max_test_examples)
