@@ -134,3 +134,30 @@ def test_render_six_direction_pruning_table_has_a_column_per_pair_and_the_mean()
   assert "| 100% | global | 5.00 M | all | 30.0 | 34.0 | 32.0 |" in text
   assert "| 50% | global | 3.50 M | 4 | 27.0 | 30.0 | 28.5 |" in text
   assert "| 50% | language | 3.50 M | 4 | 29.5 | 33.0 | 31.2 |" in text
+
+
+def test_report_without_decodes_keeps_the_recorded_bootstrap(tmp_path):
+  """An OUT seeded with docs/multi30k_methods.jsonl has the records but not the
+  baselines' decodes: the table keeps the recorded p-values, and a run trained
+  since (no bootstrap entry) shows dashes."""
+  import json
+  out = tmp_path / "out"
+  out.mkdir()
+  records = [_summary("moe_en_de", {500: 20.0, 1000: 25.0}, {500: 2.8, 1000: 2.4}, {1000: 2.1}),
+             _summary("eom", {500: 19.0, 1000: 25.5}, {500: 2.9, 1000: 2.3}, {1000: 2.25}),
+             {"name": "validation_bootstrap", "kind": "bootstrap", "step": 1000,
+              "results": {"moe_en_de": {"bleu": 25.3, "ci95": 1.4, "p_value": None},
+                          "eom": {"bleu": 25.9, "ci95": 1.4, "p_value": 0.2}},
+              "results_vs_dense": {"eom": {"bleu": 25.9, "ci95": 1.4, "p_value": 0.01}}},
+             _summary("fom", {500: 19.5, 1000: 24.0}, {500: 2.9, 1000: 2.5}, {1000: 2.3})]
+  (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  page = tmp_path / "page.md"
+  page.write_text(f"intro\n\n{mm.SECTION_BEGIN}\nold\n{mm.SECTION_END}\n\nrest\n")
+  with contextlib.redirect_stdout(io.StringIO()):
+    assert mm.main([f"--out={out}", "--suite=report", "--steps=1000", "--eval_period=500",
+                    f"--markdown={page}"]) == 0
+  text = page.read_text()
+  rows = {l.split(" | ")[0].strip("| "): l for l in text.splitlines() if l.startswith("| ")}
+  assert "| 25.9 ± 1.4 | 0.200 | 0.010 | – |" in rows["eom"]
+  assert rows["fom"].endswith("| 0.20 | – | – | – | – |")  # 2.5 - 2.3; no bootstrap
+  assert text.startswith("intro") and text.rstrip().endswith("rest") and "old" not in text
