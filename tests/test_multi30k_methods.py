@@ -29,6 +29,8 @@ def test_dry_run_lists_every_suite_with_the_short_recipe(tmp_path, shared_data_d
                          "upcycled_en_de"}
   for line in trains.values():
     assert "--gin.TRAIN_STEPS=1000" in line and "--gin.EVAL_PERIOD=250" in line
+    # the short recipe's cosine, whatever the reference gin's default schedule
+    assert "--gin.make_schedule.name='cosine' --gin.make_schedule.total_steps=None" in line
   assert "runs/multi30k_reference.gin" in trains["dense_en_de"]
   assert "--gin.MoeConfig.expert_output_masking_rate=0.2" in trains["eom"]
   assert "ConditionalRoutingConfig" in trains["cmr"]
