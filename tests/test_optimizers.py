@@ -57,8 +57,23 @@ def test_total_steps_ends_the_decay_at_that_step(name):
                                end_learning_rate=3e-5, total_steps=3000)
   assert float(f(3000)) == pytest.approx(3e-5, rel=1e-4)
   assert float(f(2999)) > 3e-5
-  with pytest.raises(ValueError, match="must exceed warmup_steps"):
-    optimizers.make_schedule(name, 1e-2, warmup_steps=200, total_steps=200)
+
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "wsd"])
+def test_a_run_shorter_than_the_warmup_warms_up_for_a_tenth_of_it(name, caplog):
+  # A 50-step smoke run of a recipe with 200 warm-up steps: 5 warm-up steps
+  # (0, 0.2, 0.4, 0.6, 0.8 of the peak), the peak at step 5, the end at 50.
+  f = optimizers.make_schedule(name, 1e-2, warmup_steps=200, end_learning_rate=3e-5,
+                               total_steps=50)
+  assert [float(f(s)) for s in range(6)] == pytest.approx([0, 2e-3, 4e-3, 6e-3, 8e-3, 1e-2])
+  assert float(f(50)) == pytest.approx(3e-5, rel=1e-4)
+  assert "warming up for 5 steps" in caplog.text
+  one = optimizers.make_schedule(name, 1e-2, warmup_steps=200, end_learning_rate=3e-5,
+                                 total_steps=1)  # a one-step test run: no warm-up
+  assert float(one(0)) == pytest.approx(1e-2) and float(one(1)) == pytest.approx(3e-5)
+  with pytest.raises(ValueError, match="at least 1"):
+    optimizers.make_schedule(name, 1e-2, warmup_steps=200, total_steps=0)
 
 
 def test_constant_schedule_and_bad_name():

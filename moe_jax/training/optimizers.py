@@ -18,6 +18,7 @@ linear warmup.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -59,7 +60,9 @@ def make_schedule(name: str = "rsqrt",
     total_steps: when set, the decay ends at this step, whatever the warmup:
       ``decay_steps = total_steps - warmup_steps`` (``decay_steps`` is then
       ignored). Bind it to the run's ``TRAIN_STEPS`` so that the rate reaches
-      ``end_learning_rate`` at the last step.
+      ``end_learning_rate`` at the last step. A run shorter than the warm-up
+      (a smoke test of a long recipe) warms up for a tenth of its steps
+      instead, with a warning.
     cooldown_fraction: ``wsd`` only; the fraction of the decay steps, at their
       end, over which the rate falls linearly from the peak to
       ``end_learning_rate`` (0.2: the usual 20% cool-down).
@@ -73,8 +76,16 @@ def make_schedule(name: str = "rsqrt",
         f"warmup_steps={warmup_steps} and decay_steps={decay_steps} must be >= 0.")
   warmup_steps = int(warmup_steps)
   if total_steps is not None:
-    if total_steps <= warmup_steps:
-      raise ValueError(f"total_steps={total_steps} must exceed warmup_steps={warmup_steps}.")
+    if total_steps < 1:
+      raise ValueError(f"total_steps={total_steps} must be at least 1.")
+    if total_steps <= warmup_steps:  # a smoke run of a long recipe: keep the shape
+      shortened = int(total_steps) // 10
+      logging.warning(
+          "make_schedule: warmup_steps=%d does not fit in total_steps=%d; warming up "
+          "for %d steps (a tenth of the run) so that the rate still reaches "
+          "end_learning_rate at the last step. Bind make_schedule.warmup_steps to "
+          "choose.", warmup_steps, total_steps, shortened)
+      warmup_steps = shortened
     decay_steps = int(total_steps) - warmup_steps
   if not 0.0 < cooldown_fraction <= 1.0:
     raise ValueError(f"cooldown_fraction={cooldown_fraction} must be in (0, 1].")
