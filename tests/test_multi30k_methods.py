@@ -14,6 +14,7 @@ import pytest
 import bleu_by_hand
 
 from moe_jax.experiments import multi30k_methods as mm
+from moe_jax.experiments import multi30k_reference as ref
 
 
 def test_dry_run_lists_every_suite_with_the_short_recipe(tmp_path, shared_data_dir, monkeypatch):
@@ -50,7 +51,7 @@ def test_paired_bootstrap_scores_and_significance():
   base = [f"a man number {i} rides a bike down the road" for i in range(60)]
   one_better = [refs[0]] + base[1:]   # one sentence of 60 fixed: within the noise
   half_better = refs[:30] + base[30:]  # half of them: beyond it
-  res = mm.paired_bootstrap(base, {"one": one_better, "half": half_better}, refs, samples=200)
+  res = ref.paired_bootstrap(base, {"one": one_better, "half": half_better}, refs, samples=200)
   assert res["baseline"]["bleu"] == pytest.approx(bleu_by_hand.corpus_bleu(base, refs), abs=0.01)
   assert res["half"]["bleu"] == pytest.approx(bleu_by_hand.corpus_bleu(half_better, refs), abs=0.01)
   assert res["one"]["p_value"] > 0.05

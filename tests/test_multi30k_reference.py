@@ -203,3 +203,44 @@ def test_the_six_direction_variant_trains_on_the_mixture_with_a_larger_vocabular
   assert ref.DIRECTIONS["six"][2] == tuple(
       f"multi30k_translate_{s}_{t}" for s, t in (("en", "de"), ("de", "en"), ("en", "fr"),
                                                   ("fr", "en"), ("en", "cs"), ("cs", "en")))
+
+
+def test_moe_vs_dense_bootstraps_the_two_runs_test_decodes(tmp_path, monkeypatch):
+  """Both runs of one length and schedule decoded in OUT: a paired bootstrap
+  whose BLEUs match BLEU worked by hand (no punctuation, so sacreBLEU's 13a
+  tokens are the whitespace tokens); a length with one model only, or a
+  missing validation decode, gives nothing."""
+  from tasks import multi30k
+  import types
+  sources = [f"a man number {i} rides a red bike" for i in range(60)]
+  refs = [f"ein mann nummer {i} faehrt ein rotes rad die lange strasse hinab" for i in range(60)]
+  base = [f"ein mann nummer {i} faehrt ein rad die strasse" for i in range(60)]
+  better = refs[:30] + base[30:]
+  monkeypatch.setattr(multi30k, "read_split",
+                      lambda split, langs: ({"en": sources, "de": refs}, None))
+  task = "multi30k_translate_en_de"
+  for run, preds in (("dense_en_de", base), ("moe_en_de", better)):
+    d = tmp_path / run / "test_beam4_step3000" / "predictions"
+    d.mkdir(parents=True)
+    (d / f"{task}.jsonl").write_text("".join(
+        json.dumps({"input": f"translate English to German: {s}", "prediction": p}) + "\n"
+        for s, p in zip(sources, preds)))
+  def summary(model, steps):
+    return {"run": f"{model}_en_de", "model": model, "directions": "en_de",
+            "train_steps": steps, "schedule": "wsd", "test_checkpoint": "step 3000",
+            "best_step": 3000, "decode": {"beam_size": 4}, "test": {task: {}}}
+  out = ref.moe_vs_dense(types.SimpleNamespace(out_dir=str(tmp_path)),
+                         [summary("dense", 3000), summary("moe", 3000), summary("moe", 5000)])
+  assert [c["name"] for c in out] == [f"moe_vs_dense_{task}_3000_wsd"]
+  test = out[0]["test"]
+  assert test["baseline"]["bleu"] == pytest.approx(bleu_by_hand.corpus_bleu(base, refs), abs=0.01)
+  assert test["moe"]["bleu"] == pytest.approx(bleu_by_hand.corpus_bleu(better, refs), abs=0.01)
+  assert test["moe"]["p_value"] < 0.05 and "validation" not in out[0]
+  text = "\n".join(ref.render_comparisons(out))
+  assert (f"| en_de | 3000 | wsd | {test['baseline']['bleu']:.2f} / {test['moe']['bleu']:.2f} "
+          f"(± {test['moe']['ci95']:.1f}) | {test['moe']['p_value']:.3f} | – | – |") in text
+  # an earlier results file's comparison stays unless it is recomputed
+  old = tmp_path / "old.jsonl"
+  older = {"name": f"moe_vs_dense_{task}_5000_cosine", "kind": "moe_vs_dense"}
+  old.write_text(json.dumps(older) + "\n" + json.dumps(out[0]) + "\n")
+  assert ref.older_runs(str(old), [], out) == [older]

@@ -197,25 +197,6 @@ def validation_predictions(model_dir: str, step: int,
   return ref.read_predictions(path) if os.path.exists(path) else None
 
 
-def paired_bootstrap(baseline: Sequence[str], systems: dict[str, Sequence[str]],
-                     references: Sequence[str], samples: int = 1000) -> dict[str, dict]:
-  """sacreBLEU's paired bootstrap of each system against ``baseline``:
-  ``{name: {"bleu", "ci95", "p_value"}}`` (``ci95``: half the 95% interval
-  of the system's own BLEU over resampled sentence sets)."""
-  from sacrebleu.metrics import BLEU  # pylint: disable=g-import-not-at-top
-  from sacrebleu.significance import PairedTest  # pylint: disable=g-import-not-at-top
-  named = [("baseline", list(baseline)), *[(n, list(s)) for n, s in systems.items()]]
-  test = PairedTest(named, {"BLEU": BLEU()}, [list(references)], test_type="bs",
-                    n_samples=samples)
-  _, results = test()
-  out = {}
-  for (name, _), res in zip(named, results["BLEU"]):
-    out[name] = {"bleu": round(float(res.score), 2),
-                 "ci95": None if res.ci is None else round(float(res.ci), 2),
-                 "p_value": None if res.p_value is None else float(res.p_value)}
-  return out
-
-
 def validation_noise(r, names: Sequence[str],
                      baselines: Sequence[str] = ("moe_en_de", "dense_en_de"),
                      step: int = SHORT_STEPS) -> dict[str, Optional[dict]]:
@@ -240,7 +221,7 @@ def validation_noise(r, names: Sequence[str],
     if baseline not in decodes or not systems:
       out[baseline] = None
       continue
-    res = paired_bootstrap([p["prediction"] for p in decodes[baseline]], systems,
+    res = ref.paired_bootstrap([p["prediction"] for p in decodes[baseline]], systems,
                            refs[baseline])
     res[baseline] = res.pop("baseline")
     out[baseline] = res
@@ -294,7 +275,6 @@ def render_pruning(pruning: dict) -> list[str]:
     mean = None if None in bleus else sum(bleus) / len(bleus)
     lines.append(f"{head} " + " | ".join(_f(b, 1) for b in bleus) + f" | {_f(mean, 1)} |")
   return lines
-
 
 
 def _at(points: Sequence, step: int) -> Optional[float]:

@@ -137,6 +137,25 @@ def score_test_decode(eval_dir: str, task: str, source_lang: str, target_lang: s
           **sacrebleu_scores([r["prediction"] for r in records], refs)}
 
 
+def paired_bootstrap(baseline: Sequence[str], systems: dict[str, Sequence[str]],
+                     references: Sequence[str], samples: int = 1000) -> dict[str, dict]:
+  """sacreBLEU's paired bootstrap of each system against ``baseline``:
+  ``{name: {"bleu", "ci95", "p_value"}}`` (``ci95``: half the 95% interval
+  of the system's own BLEU over resampled sentence sets)."""
+  from sacrebleu.metrics import BLEU  # pylint: disable=g-import-not-at-top
+  from sacrebleu.significance import PairedTest  # pylint: disable=g-import-not-at-top
+  named = [("baseline", list(baseline)), *[(n, list(s)) for n, s in systems.items()]]
+  test = PairedTest(named, {"BLEU": BLEU()}, [list(references)], test_type="bs",
+                    n_samples=samples)
+  _, results = test()
+  out = {}
+  for (name, _), res in zip(named, results["BLEU"]):
+    out[name] = {"bleu": round(float(res.score), 2),
+                 "ci95": None if res.ci is None else round(float(res.ci), 2),
+                 "p_value": None if res.p_value is None else float(res.p_value)}
+  return out
+
+
 # --- the pipeline ---------------------------------------------------------------
 def base_overrides(r: runner_lib.Runner, directions: str, args) -> list[str]:
   """Trains the vocabulary of ``directions`` (once per ``OUT``), points the
@@ -267,13 +286,81 @@ def run_model(r: runner_lib.Runner, model: str, directions: str, args, *,
   return r.record(summary)  # the newest record of a name wins (Runner.records)
 
 
+def _decodes(r: runner_lib.Runner, s: dict, task: str) -> dict[str, Optional[list]]:
+  """A summary's test and best-step validation predictions in ``OUT`` (``None``
+  where absent, e.g. a row copied from an earlier results file)."""
+  run_dir = os.path.join(r.out_dir, s["run"])
+  label = s["test_checkpoint"].replace(" ", "")
+  paths = {"test": os.path.join(run_dir, f"test_beam{s['decode']['beam_size']}_{label}"),
+           "validation": os.path.join(run_dir, "eval_decode", str(s["best_step"]))}
+  return {split: (read_predictions(p) if os.path.exists(p) else None)
+          for split, p in ((k, os.path.join(v, "predictions", f"{task}.jsonl"))
+                           for k, v in paths.items())}
+
+
+def moe_vs_dense(r: runner_lib.Runner, summaries: Sequence[dict]) -> list[dict]:
+  """Paired bootstraps (sacreBLEU, 1,000 resamples) of the Switch twin's
+  decodes against the dense model's, for every length and schedule where
+  both runs' decodes are in ``OUT``: on the test split and on the validation
+  decode of each run's best step. One record per pair and direction."""
+  from tasks import multi30k  # pylint: disable=g-import-not-at-top
+  by_key = {}
+  for s in summaries:
+    by_key.setdefault((s["directions"], s["train_steps"], summary_schedule(s)), {})[
+        s["model"]] = s
+  out = []
+  for (directions, steps, schedule), pair in sorted(by_key.items()):
+    if set(pair) != {"dense", "moe"}:
+      continue
+    for task in pair["dense"]["test"]:
+      src, tgt = re.fullmatch(r"multi30k_translate_(\w\w)_(\w\w)", task).groups()
+      dense, moe = _decodes(r, pair["dense"], task), _decodes(r, pair["moe"], task)
+      result = {}
+      for split in ("test", "validation"):
+        if dense[split] is None or moe[split] is None or len(dense[split]) != len(moe[split]):
+          continue
+        columns, _ = multi30k.read_split(split, (src, tgt))
+        refs = references_for(dense[split], columns[src], columns[tgt])
+        references_for(moe[split], columns[src], columns[tgt])  # same sentences, same order
+        result[split] = paired_bootstrap([p["prediction"] for p in dense[split]],
+                                         {"moe": [p["prediction"] for p in moe[split]]}, refs)
+      if result:
+        out.append({"name": f"moe_vs_dense_{task}_{steps}_{schedule}", "kind": "moe_vs_dense",
+                    "directions": directions, "task": task, "train_steps": steps,
+                    "schedule": schedule, **result})
+  return out
+
+
 # --- the results page -------------------------------------------------------------
 def _curve(points, digits=1) -> str:
   return ", ".join(f"{s}: {v:.{digits}f}" for s, v in points)
 
 
-def render(summaries: Sequence[dict]) -> str:
-  """The recipe's section of docs/experiments.md from the summary records."""
+def render_comparisons(comparisons: Sequence[dict]) -> list[str]:
+  """The table of :func:`moe_vs_dense` records (none: no lines)."""
+  if not comparisons:
+    return []
+  lines = ["Switch twin vs dense at equal steps: sacreBLEU paired bootstrap (1,000 "
+           "resamples) of the two runs' decodes, the test decode and the greedy "
+           "validation decode of each run's best step; ±: half the 95% interval (the "
+           "sentence sample's noise, not a seed spread).", "",
+           "| directions | steps | schedule | test BLEU dense / Switch | p | "
+           "val BLEU dense / Switch | p |", "|---|---|---|---|---|---|---|"]
+  def cell(res):
+    if not res:
+      return "– | –"
+    d, m = res["baseline"], res["moe"]
+    return (f"{d['bleu']:.2f} / {m['bleu']:.2f} (± {m['ci95']:.1f}) | "
+            f"{m['p_value']:.3f}")
+  for c in sorted(comparisons, key=lambda c: (c["task"], -c["train_steps"], c["schedule"])):
+    lines.append(f"| {c['task'].replace('multi30k_translate_', '')} | {c['train_steps']} | "
+                 f"{c['schedule']} | {cell(c.get('test'))} | {cell(c.get('validation'))} |")
+  return [*lines, ""]
+
+
+def render(summaries: Sequence[dict], comparisons: Sequence[dict] = ()) -> str:
+  """The recipe's section of docs/experiments.md from the summary records
+  (and the :func:`moe_vs_dense` records, a table after the first one)."""
   lines = [SECTION_BEGIN, "",
            "| model | directions | steps | schedule | step time | best step (val BLEU) | "
            "test BLEU | lowercased | chrF |", "|---|---|---|---|---|---|---|---|---|"]
@@ -288,6 +375,7 @@ def render(summaries: Sequence[dict]) -> str:
           f"({val[s['best_step']]:.1f}) | **{t['bleu']:.1f}** | {t['bleu_lowercase']:.1f} | "
           f"{t['chrf']:.1f} |")
   lines.append("")
+  lines += render_comparisons(comparisons)
   for s in summaries:
     t0 = next(iter(s["test"].values()))
     step_s = (s.get("step_time_ms") or 0) / 1000
@@ -374,21 +462,26 @@ def _length_key(summary: dict) -> tuple:
           summary_schedule(summary))
 
 
-def older_runs(results_path: str, summaries: Sequence[dict]) -> list[dict]:
+def older_runs(results_path: str, summaries: Sequence[dict],
+               comparisons: Sequence[dict] = ()) -> list[dict]:
   """The summary rows of an earlier ``--results`` file for recipe runs of
   another length or schedule (model, directions, steps, learning-rate
   schedule) than ``summaries`` (the newest
   row of each): they stay in the table and in the file (a summary holds the
-  run's curves, overrides and test scores)."""
+  run's curves, overrides and test scores); so do its :func:`moe_vs_dense`
+  rows not recomputed in ``comparisons``."""
   if not results_path or not os.path.exists(results_path):
     return []
   with open(results_path) as f:
     rows = [json.loads(line) for line in f if line.strip()]
   done = {_length_key(s) for s in summaries}
+  done_names = {c["name"] for c in comparisons}
   newest = {}
   for row in rows:
     if row.get("kind") == "reference_summary" and _length_key(row) not in done:
       newest[_length_key(row)] = row
+    elif row.get("kind") == "moe_vs_dense" and row["name"] not in done_names:
+      newest[row["name"]] = row
   return list(newest.values())
 
 
@@ -441,10 +534,12 @@ def main(argv=None) -> int:
     return 0
   summaries = [s for s in r.records().values() if s.get("kind") == "reference_summary"
                and s["name"] == f"{s['model']}_{s['directions']}_summary"]  # not a method's
-  keep = older_runs(args.results, summaries)
-  summaries += keep
+  comparisons = [r.record(c) for c in moe_vs_dense(r, summaries)]
+  keep = older_runs(args.results, summaries, comparisons)
+  summaries += [k for k in keep if k["kind"] == "reference_summary"]
+  comparisons += [k for k in keep if k["kind"] == "moe_vs_dense"]
   summaries.sort(key=lambda s: (s["directions"], s["model"], -s["train_steps"]))
-  publish(r, args, render(summaries), keep=keep)
+  publish(r, args, render(summaries, comparisons), keep=keep)
   return 0
 
 
