@@ -61,14 +61,17 @@ def test_total_steps_ends_the_decay_at_that_step(name):
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine", "wsd"])
-def test_a_run_shorter_than_the_warmup_warms_up_for_a_tenth_of_it(name, caplog):
+def test_a_run_shorter_than_the_warmup_warms_up_for_a_tenth_of_it(name, monkeypatch):
+  warnings = []
+  monkeypatch.setattr(optimizers.logger, "warning",
+                      lambda msg, *args: warnings.append(msg % args))
   # A 50-step smoke run of a recipe with 200 warm-up steps: 5 warm-up steps
   # (0, 0.2, 0.4, 0.6, 0.8 of the peak), the peak at step 5, the end at 50.
   f = optimizers.make_schedule(name, 1e-2, warmup_steps=200, end_learning_rate=3e-5,
                                total_steps=50)
   assert [float(f(s)) for s in range(6)] == pytest.approx([0, 2e-3, 4e-3, 6e-3, 8e-3, 1e-2])
   assert float(f(50)) == pytest.approx(3e-5, rel=1e-4)
-  assert "warming up for 5 steps" in caplog.text
+  assert len(warnings) == 1 and "warming up for 5 steps" in warnings[0]
   one = optimizers.make_schedule(name, 1e-2, warmup_steps=200, end_learning_rate=3e-5,
                                  total_steps=1)  # a one-step test run: no warm-up
   assert float(one(0)) == pytest.approx(1e-2) and float(one(1)) == pytest.approx(3e-5)

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+logger = logging.getLogger(__name__)
+
 SCHEDULES = ("constant", "rsqrt", "linear", "cosine", "wsd")
 OPTIMIZERS = ("adafactor", "adamw")
 
@@ -80,7 +82,7 @@ def make_schedule(name: str = "rsqrt",
       raise ValueError(f"total_steps={total_steps} must be at least 1.")
     if total_steps <= warmup_steps:  # a smoke run of a long recipe: keep the shape
       shortened = int(total_steps) // 10
-      logging.warning(
+      logger.warning(
           "make_schedule: warmup_steps=%d does not fit in total_steps=%d; warming up "
           "for %d steps (a tenth of the run) so that the rate still reaches "
           "end_learning_rate at the last step. Bind make_schedule.warmup_steps to "
