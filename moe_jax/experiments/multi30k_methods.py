@@ -45,7 +45,6 @@ import os
 from typing import Optional, Sequence
 
 from moe_jax.experiments import multi30k_reference as ref
-from moe_jax.experiments import runner as runner_lib
 
 SHORT_STEPS, SHORT_EVAL_PERIOD = 1000, 250
 UPCYCLE_FROM_STEP = 500
@@ -106,12 +105,6 @@ def run_upcycling(r, args) -> dict:
                        gin_files=[ref.GIN["moe"], os.path.join(up_dir, "upcycled_model.gin")])
 
 
-def _pair(test_task: str) -> tuple[str, str]:
-  """``multi30k_translate_SRC_TGT`` -> ``(SRC, TGT)``."""
-  src, tgt = test_task.rsplit("_", 2)[1:]
-  return src, tgt
-
-
 def run_pruning(r, args, model_dir: str, fractions: Sequence[float] = PRUNE_KEEP,
                 directions: str = "en_de") -> None:
   """Routing statistics of ``model_dir``'s last checkpoint on ``val``, then
@@ -162,7 +155,7 @@ def run_pruning(r, args, model_dir: str, fractions: Sequence[float] = PRUNE_KEEP
         f"--output={out}"])
     tests, summaries = {}, []
     for task in ref.DIRECTIONS[directions][2]:
-      pair_dir = os.path.join(out, "_".join(_pair(task)))
+      pair_dir = os.path.join(out, "_".join(ref.task_languages(task)))
       tests.update(ref.decode_test_split(
           r, f"prune_language_{keep}_{os.path.basename(pair_dir)}_test",
           [*gins, os.path.join(pair_dir, "pruned.gin")], [*base, f"MIXTURE_OR_TASK_NAME='{task}'"],
@@ -190,13 +183,6 @@ def _pruned_sizes(summary_paths: Sequence[str]) -> dict:
 
 
 # --- noise: paired bootstrap on the validation decodes ------------------------------
-def validation_predictions(model_dir: str, step: int,
-                           task: str = "multi30k_translate_en_de") -> Optional[list[dict]]:
-  """The training-time validation decode of ``step`` (``None`` when absent)."""
-  path = os.path.join(model_dir, "eval_decode", str(step), "predictions", f"{task}.jsonl")
-  return ref.read_predictions(path) if os.path.exists(path) else None
-
-
 def validation_noise(r, names: Sequence[str],
                      baselines: Sequence[str] = ("moe_en_de", "dense_en_de"),
                      step: int = SHORT_STEPS) -> dict[str, Optional[dict]]:
@@ -206,7 +192,7 @@ def validation_noise(r, names: Sequence[str],
   from tasks import multi30k  # pylint: disable=g-import-not-at-top
   decodes = {}
   for n in dict.fromkeys((*baselines, *names)):
-    preds = validation_predictions(os.path.join(r.out_dir, n), step)
+    preds = ref.validation_predictions(os.path.join(r.out_dir, n), step)
     if preds is not None:
       decodes[n] = preds
   if not decodes:
@@ -258,7 +244,7 @@ def render_pruning(pruning: dict) -> list[str]:
              "its source language's experts and the decoder its target's, parameters "
              "of the largest pair's model; beam 4 test BLEU):", "",
              "| experts kept | granularity | parameters | experts per MoE layer | "
-             + " | ".join("->".join(_pair(t)) for t in tasks) + " | mean |",
+             + " | ".join("->".join(ref.task_languages(t)) for t in tasks) + " | mean |",
              "|---|---|---|---|" + "---|" * (len(tasks) + 1)]
   for row in rows:
     per_layer = sorted(set(row.get("experts_kept", {}).values()))

@@ -97,6 +97,18 @@ def read_predictions(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def validation_predictions(model_dir: str, step: int,
+                           task: str = "multi30k_translate_en_de") -> Optional[list[dict]]:
+  """The training-time validation decode of ``step`` (``None`` when absent)."""
+  path = os.path.join(model_dir, "eval_decode", str(step), "predictions", f"{task}.jsonl")
+  return read_predictions(path) if os.path.exists(path) else None
+
+
+def task_languages(task: str) -> tuple[str, str]:
+  """``multi30k_translate_SRC_TGT`` -> ``(SRC, TGT)``."""
+  return re.fullmatch(r"multi30k_translate_(\w\w)_(\w\w)", task).groups()
+
+
 def references_for(records: Sequence[dict], sources: Sequence[str],
                    references: Sequence[str]) -> list[str]:
   """The reference of each decoded record, checked against the source file:
@@ -185,7 +197,7 @@ def decode_test_split(r: runner_lib.Runner, name: str, gin_files: Sequence[str],
     return {}
   tests = {}
   for test_task in test_tasks or DIRECTIONS[directions][2]:
-    src, tgt = re.fullmatch(r"multi30k_translate_(\w\w)_(\w\w)", test_task).groups()
+    src, tgt = task_languages(test_task)
     tests[test_task] = score_test_decode(eval_dir, test_task, src, tgt,
                                          args.max_test_examples)
   return tests
@@ -291,11 +303,10 @@ def _decodes(r: runner_lib.Runner, s: dict, task: str) -> dict[str, Optional[lis
   where absent, e.g. a row copied from an earlier results file)."""
   run_dir = os.path.join(r.out_dir, s["run"])
   label = s["test_checkpoint"].replace(" ", "")
-  paths = {"test": os.path.join(run_dir, f"test_beam{s['decode']['beam_size']}_{label}"),
-           "validation": os.path.join(run_dir, "eval_decode", str(s["best_step"]))}
-  return {split: (read_predictions(p) if os.path.exists(p) else None)
-          for split, p in ((k, os.path.join(v, "predictions", f"{task}.jsonl"))
-                           for k, v in paths.items())}
+  test = os.path.join(run_dir, f"test_beam{s['decode']['beam_size']}_{label}", "predictions",
+                      f"{task}.jsonl")
+  return {"test": read_predictions(test) if os.path.exists(test) else None,
+          "validation": validation_predictions(run_dir, s["best_step"], task)}
 
 
 def moe_vs_dense(r: runner_lib.Runner, summaries: Sequence[dict]) -> list[dict]:
@@ -313,7 +324,7 @@ def moe_vs_dense(r: runner_lib.Runner, summaries: Sequence[dict]) -> list[dict]:
     if set(pair) != {"dense", "moe"}:
       continue
     for task in pair["dense"]["test"]:
-      src, tgt = re.fullmatch(r"multi30k_translate_(\w\w)_(\w\w)", task).groups()
+      src, tgt = task_languages(task)
       dense, moe = _decodes(r, pair["dense"], task), _decodes(r, pair["moe"], task)
       result = {}
       for split in ("test", "validation"):
